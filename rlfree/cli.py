@@ -1,0 +1,124 @@
+"""`rlfree <stage> [flags]`: a thin layer over the stage functions.
+
+Flags are the dataclass fields of each stage (underscore spelling, as in Hugging Face tools); `train` takes every
+`TrainingArguments` flag too. `--config recipe.yaml` supplies any of them: top-level keys, or keys under a section
+named after the command (which win); flags on the command line win over both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .data import StageInputError
+
+COMMANDS = ("generate", "score", "weight", "train", "demo")
+
+
+def _recipe_values(path: str, command: str) -> dict:
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise StageInputError(f"--config {path}: expected a mapping of flag names to values")
+    flat = {key: value for key, value in recipe.items() if key not in COMMANDS}
+    section = recipe.get(command) or {}
+    return flat | section
+
+
+def parse_command(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
+    """Parse `argv` into the dataclasses, with defaults taken from `--config` when given."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(dataclass_types, prog=f"rlfree {command}")
+    parser.add_argument("--config", help="YAML recipe holding any of these flags.")
+    if known.config:
+        values = _recipe_values(known.config, command)
+        destinations = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(destinations))
+        if unknown:
+            raise StageInputError(f"--config {known.config}: unknown key(s) for `rlfree {command}`: {unknown}")
+        for key in values:
+            destinations[key].required = False
+        parser.set_defaults(**values)
+    *parsed, _ = parser.parse_args_into_dataclasses(rest, look_for_args_file=False)
+    return tuple(parsed)
+
+
+def _generate(argv: list[str]) -> None:
+    from .generation import GenerateConfig, generate
+
+    (config,) = parse_command("generate", (GenerateConfig,), argv)
+    dataset = generate(config)
+    print(f"wrote {len(dataset)} completions to {config.output_dir}")
+
+
+def _score(argv: list[str]) -> None:
+    from .rewards import ScoreConfig, score
+
+    (config,) = parse_command("score", (ScoreConfig,), argv)
+    dataset = score(config)
+    print(f"wrote {len(dataset)} scored completions to {config.output_dir}")
+
+
+def _weight(argv: list[str]) -> None:
+    from .weighting import WeightConfig, weight
+
+    (config,) = parse_command("weight", (WeightConfig,), argv)
+    weight(config)
+    print(f"wrote weights to {config.output_dir}")
+
+
+def _train(argv: list[str]) -> None:
+    from .training import ModelConfig, RLFreeConfig, train
+
+    model_config, args = parse_command("train", (ModelConfig, RLFreeConfig), argv)
+    trainer = train(model_config, args)
+    if trainer.is_world_process_zero():
+        print(f"wrote the trained model to {args.output_dir}")
+
+
+def _demo(argv: list[str]) -> None:
+    from .demo import DemoConfig, run_demo
+
+    (config,) = parse_command("demo", (DemoConfig,), argv)
+    run_demo(config)
+
+
+HANDLERS: dict[str, Callable[[list[str]], None]] = {
+    "generate": _generate,
+    "score": _score,
+    "weight": _weight,
+    "train": _train,
+    "demo": _demo,
+}
+
+USAGE = """usage: rlfree <command> [flags]   (rlfree <command> --help for its flags)
+
+commands:
+  generate   sample N completions per prompt from the reference model, with exact log-probabilities
+  score      add rewards from a Python function (TRL signature) or a reward model
+  weight     self-normalized importance weights: rlhf exp(r/beta), rlif pi_ref^gamma, or both
+  train      weighted maximum likelihood (a transformers Trainer); also under `accelerate launch -m rlfree`
+  demo       the whole pipeline offline on a tiny arithmetic task, with exact KL figures
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"rlfree: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        HANDLERS[command](rest)
+    except StageInputError as error:
+        print(f"rlfree {command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

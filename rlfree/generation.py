@@ -1,0 +1,247 @@
+"""Stage 1: sample N completions per prompt and record their exact log-probabilities.
+
+`ref_logprob` is log pi_ref(o|q) from the model's full softmax at temperature 1, read in a teacher-forced pass over
+the exact generated ids; `proposal_logprob` is log p(o|q) of the sampler actually used (temperature, top-k, top-p).
+The weighting stage corrects for the difference, so sampling with a warped sampler still targets pi_ref.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    set_seed,
+)
+
+from .data import StageInputError, load_prompts, save_stage
+from .modeling import (
+    completion_logprobs,
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+    pad_prompt_completion,
+)
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of `rlfree generate`."""
+
+    model_name_or_path: str = field(metadata={"help": "Reference model pi_ref: a local folder or a Hub id."})
+    prompts: str = field(
+        metadata={
+            "help": "JSONL/JSON/Parquet/CSV file, save_to_disk folder or Hub id with a 'prompt' or 'messages' column."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Where the generated dataset is written (save_to_disk layout)."})
+    num_samples: int = field(default=8, metadata={"help": "Completions sampled per prompt (N)."})
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Longest completion; longer ones are cut (finish_reason='length')."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; != 1 is corrected for in the weights."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; < 1 is corrected for in the weights."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); corrected for in the weights."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences generated per forward batch."})
+    seed: int = field(default=42, metadata={"help": "Random seed of the sampler."})
+    prompts_split: str = field(default="train", metadata={"help": "Split to read when --prompts is a Hub dataset."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise StageInputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise StageInputError(f"--temperature must be > 0 (use a small value, not 0), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise StageInputError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise StageInputError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.batch_size < 1:
+            raise StageInputError(f"--batch_size must be >= 1, got {self.batch_size}")
+
+
+def sampler_processors(temperature: float, top_k: int, top_p: float) -> list:
+    """The logits warpers `generate` applies for these settings, in its order (temperature, top-k, top-p)."""
+    processors = []
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def render_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[list[int]]]:
+    """Prompt text and ids: `prompt` tokenized as is, or `messages` rendered with the chat template."""
+    if "messages" in dataset.column_names:
+        if tokenizer.chat_template is None:
+            raise StageInputError("the prompts have a 'messages' column but the tokenizer has no chat template")
+        texts = [
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            for messages in dataset["messages"]
+        ]
+        # The template already holds any BOS token; adding special tokens again would double it.
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    else:
+        texts = list(dataset["prompt"])
+        ids = [tokenizer(text)["input_ids"] for text in texts]
+    for index, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise StageInputError(f"prompt {index} tokenizes to nothing; remove empty prompts from --prompts")
+    return texts, ids
+
+
+@contextlib.contextmanager
+def plain_sampling(model: PreTrainedModel, eos: list[int], pad_token_id: int) -> Iterator[GenerationConfig]:
+    """A generation config that samples from exactly the warpers we correct for, and nothing else.
+
+    `generate` fills every unset option from `model.generation_config` (top_k=50 by default, and checkpoints often
+    ship temperature, top_p, repetition penalties or suppressed tokens). Swapping in a bare config for the duration
+    means the only processors applied are the ones `sampler_processors` knows about.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad_token_id)
+    try:
+        yield GenerationConfig(
+            do_sample=True,
+            num_beams=1,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_length=0,
+            eos_token_id=eos,
+            pad_token_id=pad_token_id,
+        )
+    finally:
+        model.generation_config = saved
+
+
+def _split_completion(new_tokens: list[int], eos: set[int]) -> tuple[list[int], str]:
+    """Cut generated ids after the first EOS (kept) and report why generation stopped."""
+    for position, token in enumerate(new_tokens):
+        if token in eos:
+            return new_tokens[: position + 1], "stop"
+    return new_tokens, "length"
+
+
+@torch.no_grad()
+def sample_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+) -> list[dict]:
+    """Sample `num_samples` completions for every prompt; one dict per sample, in prompt-major order."""
+    eos = eos_token_ids(model, tokenizer)
+    pad_token_id = tokenizer.pad_token_id
+    processors = sampler_processors(temperature, top_k, top_p)
+    jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(num_samples)]
+    results = []
+    with (
+        plain_sampling(model, eos, pad_token_id) as generation_config,
+        tqdm(total=len(jobs), desc="generate", unit="seq") as progress,
+    ):
+        generation_config.update(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            prompts = [prompt_ids[p] for p, _ in batch]
+            width = max(len(ids) for ids in prompts)
+            # Left padding for generation: every row's new tokens start at the same column.
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(prompts):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                generation_config=generation_config,
+            )
+            completions, reasons = zip(
+                *(_split_completion(row[width:].tolist(), set(eos)) for row in output), strict=True
+            )
+            tensors = pad_prompt_completion(prompts, completions, pad_token_id)
+            tensors = {key: value.to(model.device) for key, value in tensors.items()}
+            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+            ref_logprob = completion_logprobs(logits, tensors["input_ids"], tensors["completion_mask"])
+            proposal_logprob = (
+                completion_logprobs(logits, tensors["input_ids"], tensors["completion_mask"], processors)
+                if processors
+                else ref_logprob
+            )
+            for row, (prompt_index, sample_index) in enumerate(batch):
+                results.append(
+                    {
+                        "prompt_index": prompt_index,
+                        "sample_index": sample_index,
+                        "completion_ids": list(completions[row]),
+                        "ref_logprob": ref_logprob[row].item(),
+                        "proposal_logprob": proposal_logprob[row].item(),
+                        "num_tokens": len(completions[row]),
+                        "finish_reason": reasons[row],
+                    }
+                )
+            progress.update(len(batch))
+    return results
+
+
+def generate(config: GenerateConfig) -> Dataset:
+    """Run the generation stage and write its dataset to `config.output_dir`."""
+    set_seed(config.seed)
+    prompt_rows = load_prompts(config.prompts, config.prompts_split)
+    tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+    model = load_causal_lm(config.model_name_or_path, config.dtype, config.trust_remote_code)
+    texts, prompt_ids = render_prompts(prompt_rows, tokenizer)
+    samples = sample_completions(
+        model,
+        tokenizer,
+        prompt_ids,
+        num_samples=config.num_samples,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+    )
+    extra_columns = [name for name in prompt_rows.column_names if name != "prompt"]
+    extras = prompt_rows.select_columns(extra_columns).to_list() if extra_columns else [{}] * len(texts)
+    rows = []
+    for sample in samples:
+        index = sample["prompt_index"]
+        rows.append(
+            {
+                "prompt": texts[index],
+                **sample,
+                "completion": tokenizer.decode(sample["completion_ids"], skip_special_tokens=True),
+                "prompt_ids": prompt_ids[index],
+                **extras[index],
+            }
+        )
+    dataset = Dataset.from_list(rows)
+    settings = asdict(config) | {"num_prompts": len(texts), "eos_token_ids": eos_token_ids(model, tokenizer)}
+    save_stage(dataset, config.output_dir, "generation", settings)
+    return dataset

@@ -1,0 +1,192 @@
+"""Stage 2: score every completion.
+
+A reward is a Python function with TRL's GRPO signature, `f(prompts, completions, **kwargs) -> list[float]`
+(every other dataset column arrives as a keyword argument, so reward functions written for TRL plug in unchanged),
+or a `transformers` sequence-classification reward model. Several rewards combine as a weighted sum; each keeps
+its own column.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .data import StageInputError, load_stage, save_stage
+from .modeling import default_device
+
+RewardFunction = Callable[..., list[float]]
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of `rlfree score`."""
+
+    input_dir: str = field(metadata={"help": "Output folder of `rlfree generate`."})
+    output_dir: str = field(metadata={"help": "Where the scored dataset is written."})
+    reward: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Reward function(s) as path/to/file.py:FUNC or package.module:FUNC (TRL signature)."},
+    )
+    reward_model: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Sequence-classification reward model(s): local folder or Hub id."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the rewards in the sum, in order: --reward ones, then --reward_model ones."},
+    )
+    drop_invalid_rewards: bool = field(
+        default=False,
+        metadata={"help": "Drop rows whose reward is NaN/inf/None instead of stopping with an error."},
+    )
+    batch_size: int = field(default=64, metadata={"help": "Completions scored per call."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom reward-model code from the Hub."})
+
+    def __post_init__(self):
+        if not self.reward and not self.reward_model:
+            raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
+        count = len(self.reward) + len(self.reward_model)
+        if self.reward_weights is not None and len(self.reward_weights) != count:
+            raise StageInputError(f"--reward_weights has {len(self.reward_weights)} values for {count} rewards")
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import `path/to/file.py:FUNC` or `package.module:FUNC`."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise StageInputError(f"--reward {spec!r}: expected path/to/file.py:FUNC or package.module:FUNC")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise StageInputError(f"--reward {spec!r}: file {path} not found")
+        module_name = f"rlfree_reward_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise StageInputError(f"--reward {spec!r}: cannot import module {target!r} ({error})") from error
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise StageInputError(f"--reward {spec!r}: {target} has no function {name!r}")
+    return function
+
+
+class RewardModel:
+    """A sequence-classification reward model scoring prompt + completion (chat-formatted when the data is chat)."""
+
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            .to(default_device())
+            .eval()
+        )
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.__name__ = Path(name_or_path).name
+
+    def _texts(self, prompts: list[str], completions: list[str], messages: list | None) -> list[str]:
+        if messages is not None and self.tokenizer.chat_template is not None:
+            return [
+                self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": reply}], tokenize=False)
+                for chat, reply in zip(messages, completions, strict=True)
+            ]
+        return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], messages=None, **kwargs) -> list[float]:
+        texts = self._texts(prompts, completions, messages)
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
+        return self.model(**batch).logits[:, 0].float().tolist()
+
+
+def _reward_name(function: RewardFunction, taken: set[str]) -> str:
+    name = f"reward_{getattr(function, '__name__', type(function).__name__)}"
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def _score_batch(function: RewardFunction, name: str, batch: dict[str, list], offset: int) -> list[float]:
+    kwargs = {key: value for key, value in batch.items() if key not in ("prompt", "completion")}
+    values = function(prompts=batch["prompt"], completions=batch["completion"], **kwargs)
+    values = list(values) if values is not None else []
+    if len(values) != len(batch["prompt"]):
+        raise StageInputError(
+            f"reward {name} returned {len(values)} values for {len(batch['prompt'])} completions (rows {offset}..); "
+            "it must return one float per completion"
+        )
+    return [math.nan if value is None else float(value) for value in values]
+
+
+def score_dataset(
+    dataset: Dataset,
+    functions: list[RewardFunction],
+    weights: list[float] | None = None,
+    batch_size: int = 64,
+) -> Dataset:
+    """Add one `reward_<name>` column per function and their weighted sum as `reward`. Non-finite values stay NaN."""
+    weights = weights or [1.0] * len(functions)
+    names, taken = [], set(dataset.column_names)
+    columns: dict[str, list[float]] = {}
+    for function in functions:
+        name = _reward_name(function, taken)
+        names.append(name)
+        values: list[float] = []
+        for start in tqdm(range(0, len(dataset), batch_size), desc=f"score {name}", unit="batch"):
+            batch = dataset[start : start + batch_size]
+            values.extend(_score_batch(function, name, batch, start))
+        columns[name] = values
+    total = [
+        sum(w * columns[name][row] for w, name in zip(weights, names, strict=True)) for row in range(len(dataset))
+    ]
+    for name in names:
+        dataset = dataset.add_column(name, columns[name])
+    if "reward" in dataset.column_names:
+        dataset = dataset.remove_columns("reward")
+    return dataset.add_column("reward", total)
+
+
+def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
+    """Stop on a NaN/inf/None reward naming the row, or drop such rows and say how many."""
+    bad = [row for row, value in enumerate(dataset["reward"]) if not math.isfinite(value)]
+    if not bad:
+        return dataset
+    if not drop_invalid:
+        first = dataset[bad[0]]
+        raise StageInputError(
+            f"reward is NaN/inf/None for {len(bad)} row(s); first: row {bad[0]} (prompt_index "
+            f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
+            f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
+        )
+    print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
+    keep = sorted(set(range(len(dataset))) - set(bad))
+    return dataset.select(keep)
+
+
+def score(config: ScoreConfig) -> Dataset:
+    """Run the scoring stage and write its dataset to `config.output_dir`."""
+    dataset = load_stage(config.input_dir, ("prompt", "completion"), hint="Score the output of `rlfree generate`.")
+    functions: list[RewardFunction] = [load_reward_function(spec) for spec in config.reward]
+    functions += [RewardModel(path, config.trust_remote_code) for path in config.reward_model]
+    dataset = score_dataset(dataset, functions, config.reward_weights, config.batch_size)
+    dataset = check_rewards(dataset, config.drop_invalid_rewards)
+    save_stage(dataset, config.output_dir, "scoring", asdict(config), input_dir=config.input_dir)
+    return dataset

@@ -1,0 +1,224 @@
+"""Stage 4: weighted maximum likelihood, as a small `transformers.Trainer` subclass.
+
+    loss(theta) = - sum_q sum_i w_i * sum_t log pi_theta(o_i,t | q, o_i,<t)
+
+The log-likelihood is the *sum* over a completion's tokens (a per-token mean would reweight samples by 1/length
+and change the target). Every micro-batch is divided by the same constant, the number of sequences in one
+optimizer step across all ranks, so gradient accumulation and data parallelism give exactly the one-big-batch
+update. Weights are rescaled once by (rows / prompts) so that uniform weights 1/N reproduce SFT's per-sequence
+mean loss and the usual learning rates apply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from .data import StageInputError, load_stage, read_sidecars
+from .modeling import (
+    completion_logprobs,
+    default_device,
+    load_tokenizer,
+    pad_prompt_completion,
+    resolve_dtype,
+)
+
+TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "weight")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train, and how (full fine-tuning or LoRA)."""
+
+    model_name_or_path: str = field(metadata={"help": "Model to train (usually pi_ref): local folder or Hub id."})
+    dtype: str = field(default="auto", metadata={"help": "Load dtype: auto, bfloat16, float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get LoRA adapters."}
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Save the LoRA-merged full model instead of the adapter alone."}
+    )
+
+
+@dataclass
+class RLFreeConfig(TrainingArguments):
+    """`TrainingArguments` plus the data to train on; defaults suited to weighted MLE."""
+
+    dataset_dir: str | None = field(default=None, metadata={"help": "Output folder of `rlfree weight`."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut prompt+completion to this many tokens (completions are cut, never prompts)."},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the weight columns."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy during training."})
+
+    def __post_init__(self):
+        if self.dataset_dir is None:
+            raise StageInputError("--dataset_dir is required: the output folder of `rlfree weight`")
+        super().__post_init__()
+
+
+class WeightedCollator:
+    """Right-pads prompt+completion ids and carries each sample's (rescaled) weight."""
+
+    def __init__(self, pad_token_id: int, weight_scale: float, max_length: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.weight_scale = weight_scale
+        self.max_length = max_length
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad_prompt_completion(
+            [f["prompt_ids"] for f in features],
+            [f["completion_ids"] for f in features],
+            self.pad_token_id,
+            self.max_length,
+        )
+        batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale
+        return batch
+
+
+class RLFreeTrainer(Trainer):
+    """Trainer whose loss is the weighted sequence negative log-likelihood, normalized per optimizer step."""
+
+    # compute_loss already divides by the whole step's sequence count; Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        args: RLFreeConfig,
+        train_dataset: Dataset,
+        processing_class: PreTrainedTokenizerBase,
+        **kwargs,
+    ):
+        missing = [column for column in TRAIN_COLUMNS if column not in train_dataset.column_names]
+        if missing:
+            raise StageInputError(f"training data lacks column(s) {missing}; train on the output of `rlfree weight`")
+        total_weight = float(sum(train_dataset["weight"]))
+        if not total_weight > 0:
+            raise StageInputError("the weights in the training data sum to zero")
+        collator = WeightedCollator(processing_class.pad_token_id, len(train_dataset) / total_weight, args.max_length)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset.select_columns(list(TRAIN_COLUMNS)),
+            data_collator=collator,
+            processing_class=processing_class,
+            **kwargs,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = inputs.pop("weight")
+        completion_mask = inputs.pop("completion_mask")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        sequence_logprob = completion_logprobs(outputs.logits, inputs["input_ids"], completion_mask)
+        # A constant divisor for every micro-batch of every rank; DDP's gradient mean supplies the 1/world_size.
+        sequences_per_rank_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        loss = -(weight * sequence_logprob).sum() / sequences_per_rank_step
+        return (loss, outputs) if return_outputs else loss
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Write README.md describing how the model was made (overrides Trainer's generic card)."""
+        if not self.is_world_process_zero():
+            return
+        card = model_card(
+            self.model.config._name_or_path or "unknown",
+            read_sidecars(self.args.dataset_dir),
+            self.args.dataset_dir,
+            self.args,
+        )
+        Path(self.args.output_dir, "README.md").write_text(card)
+
+
+def model_card(base_model: str, sidecars: dict, dataset_dir: str, args: TrainingArguments) -> str:
+    """A Hub model card that records the recipe: base model, weighting, beta, N, reward and data."""
+    generation = sidecars.get("generation", {})
+    scoring = sidecars.get("scoring", {})
+    weighting = sidecars.get("weighting", {})
+    rewards = scoring.get("reward", []) + scoring.get("reward_model", [])
+    rows = [
+        ("base model", base_model),
+        ("weighting", weighting.get("weighting", "?")),
+        ("beta", weighting.get("beta")),
+        ("rlif exponent / beta_if", f"{weighting.get('rlif_exponent')} / {weighting.get('beta_if')}"),
+        ("samples per prompt (N)", generation.get("num_samples")),
+        ("prompts", weighting.get("num_prompts", generation.get("num_prompts"))),
+        ("prompt set", generation.get("prompts")),
+        (
+            "sampler",
+            f"temperature={generation.get('temperature')} top_k={generation.get('top_k')} "
+            f"top_p={generation.get('top_p')} max_new_tokens={generation.get('max_new_tokens')}",
+        ),
+        ("reward", ", ".join(rewards) or "none (rlif)"),
+        ("ESS min / median", f"{weighting.get('ess_min')} / {weighting.get('ess_median')}"),
+        ("training data", dataset_dir),
+        ("learning rate / epochs", f"{args.learning_rate} / {args.num_train_epochs}"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    front_matter = {
+        "base_model": base_model,
+        "library_name": "transformers",
+        "tags": ["rlfree", "weighted-mle"],
+    }
+    return (
+        "---\n" + "\n".join(f"{key}: {json.dumps(value)}" for key, value in front_matter.items()) + "\n---\n\n"
+        f"# {Path(args.output_dir).name}\n\n"
+        f"Fine-tuned from `{base_model}` with [rlfree](https://pypi.org/project/rlfree/): weighted maximum likelihood "
+        "towards the KL-regularized optimum pi_ref(o|q) * exp(r(q,o) / beta), without reinforcement learning.\n\n"
+        "| setting | value |\n| --- | --- |\n" + table + "\n\n"
+        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{Path(args.output_dir).name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{Path(args.output_dir).name}")\n```\n'
+    )
+
+
+def build_model(model_config: ModelConfig):
+    """Load the model to train and, with --use_peft, wrap it in a LoRA adapter."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_config.model_name_or_path,
+        dtype=resolve_dtype(model_config.dtype, default_device()),
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    if model_config.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        target = model_config.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=model_config.lora_r,
+                lora_alpha=model_config.lora_alpha,
+                lora_dropout=model_config.lora_dropout,
+                target_modules=target[0] if target == ["all-linear"] else target,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
+    """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
+    dataset = load_stage(args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.")
+    tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
+    trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if model_config.use_peft and model_config.merge_lora:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
+    trainer.create_model_card()
+    return trainer
