@@ -27,9 +27,27 @@ def test_cli_pipeline(reference_dir, prompts_file, tmp_path):
         "generate", "--model_name_or_path", reference_dir, "--prompts", prompts_file, "--num_samples", 8,
         "--max_new_tokens", 3, "--output_dir", "gen", "--seed", 1, "--batch_size", 16, cwd=tmp_path,
     )  # fmt: skip
-    rlfree("score", "--input_dir", "gen", "--reward", "rlfree.toy:arithmetic_reward", "--output_dir", "scored", cwd=tmp_path)
+    rlfree(
+        "score",
+        "--input_dir",
+        "gen",
+        "--reward",
+        "rlfree.toy:arithmetic_reward",
+        "--output_dir",
+        "scored",
+        cwd=tmp_path,
+    )
     summary = rlfree(
-        "weight", "--input_dir", "scored", "--weighting", "rlhf", "--beta", 0.5, "--output_dir", "weighted", cwd=tmp_path
+        "weight",
+        "--input_dir",
+        "scored",
+        "--weighting",
+        "rlhf",
+        "--beta",
+        0.5,
+        "--output_dir",
+        "weighted",
+        cwd=tmp_path,
     ).stdout
     assert "ESS min / median" in summary
     rlif = rlfree(

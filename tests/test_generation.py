@@ -22,7 +22,10 @@ def _generate(reference_dir, prompts_file, tmp_path, **overrides):
     settings = {"num_samples": 16, "max_new_tokens": 3, "seed": 0, "batch_size": 24} | overrides
     return generate(
         GenerateConfig(
-            model_name_or_path=str(reference_dir), prompts=str(prompts_file), output_dir=str(tmp_path / "gen"), **settings
+            model_name_or_path=str(reference_dir),
+            prompts=str(prompts_file),
+            output_dir=str(tmp_path / "gen"),
+            **settings,
         )
     )
 
@@ -134,7 +137,9 @@ def test_chat_prompts_use_the_chat_template(reference_dir, tmp_path):
     local = tmp_path / "chat-model"
     shutil.copytree(reference_dir, local)
     tokenizer = toy.build_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     tokenizer.save_pretrained(local)
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 3"}]}) + "\n")

@@ -50,7 +50,9 @@ def test_loss_is_weighted_sum_of_sequence_logprobs(reference_dir, tmp_path):
     args = _args(tmp_path, _weighted_dir(tmp_path, ROWS), per_device_train_batch_size=5, gradient_accumulation_steps=2)
     model = AutoModelForCausalLM.from_pretrained(reference_dir)
     trainer = RLFreeTrainer(model, args, Dataset.from_list(ROWS), toy.build_tokenizer())
-    batch = trainer.data_collator([{key: row[key] for key in ("prompt_ids", "completion_ids", "weight")} for row in ROWS])
+    batch = trainer.data_collator(
+        [{key: row[key] for key in ("prompt_ids", "completion_ids", "weight")} for row in ROWS]
+    )
     loss = trainer.compute_loss(model, dict(batch)).item()
     scale = len(ROWS) / sum(row["weight"] for row in ROWS)  # rows per prompt: uniform weights would give SFT's mean
     expected = -sum(
@@ -87,7 +89,9 @@ def test_trains_on_generated_ids_not_on_the_text(reference_dir, tmp_path):
         {"prompt_index": 0, "prompt": "1 + 2 =", "prompt_ids": [3, 12, 4, 13], "completion": "7 7",
          "completion_ids": [3, 4, 0], "weight": 1.0}
     ] * 8  # fmt: skip
-    args = _args(tmp_path, _weighted_dir(tmp_path, rows), learning_rate=1e-2, max_steps=5, per_device_train_batch_size=8)
+    args = _args(
+        tmp_path, _weighted_dir(tmp_path, rows), learning_rate=1e-2, max_steps=5, per_device_train_batch_size=8
+    )
     model = AutoModelForCausalLM.from_pretrained(reference_dir)
     before_ids = _logprob(model, [3, 12, 4, 13], [3, 4, 0])
     before_text = _logprob(model, [3, 12, 4, 13], [9, 9, 0])
