@@ -148,6 +148,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
             seed=config.seed,
             report_to="none",
             disable_tqdm=True,
+            dataloader_pin_memory=False,
             logging_steps=50,
         ),
     )

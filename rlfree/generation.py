@@ -235,9 +235,11 @@ def generate(config: GenerateConfig) -> Dataset:
         rows.append(
             {
                 "prompt": texts[index],
-                **sample,
+                "prompt_index": index,
+                "sample_index": sample["sample_index"],
                 "completion": tokenizer.decode(sample["completion_ids"], skip_special_tokens=True),
                 "prompt_ids": prompt_ids[index],
+                **sample,
                 **extras[index],
             }
         )

@@ -66,6 +66,10 @@ class RLFreeConfig(TrainingArguments):
     def __post_init__(self):
         if self.dataset_dir is None:
             raise StageInputError("--dataset_dir is required: the output folder of `rlfree weight`")
+        if torch.accelerator.current_accelerator() is None:
+            # Without this, `accelerate launch` on a CPU-only machine starts gloo ranks that each train on the whole
+            # dataset instead of sharing it.
+            self.use_cpu = True
         super().__post_init__()
 
 

@@ -36,7 +36,6 @@ def _args(tmp_path, dataset_dir, **overrides):
         "dataset_dir": str(dataset_dir),
         "report_to": "none",
         "disable_tqdm": True,
-        "use_cpu": True,
         "seed": 0,
     } | overrides
     return RLFreeConfig(**settings)
