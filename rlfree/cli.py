@@ -20,13 +20,52 @@ from .data import StageInputError
 COMMANDS = ("generate", "score", "weight", "train", "demo")
 
 
-def _recipe_values(path: str, command: str) -> dict:
+def command_types(command: str) -> tuple:
+    """The dataclasses a command's flags fill (imported lazily: `rlfree --help` stays fast)."""
+    if command == "generate":
+        from .generation import GenerateConfig
+
+        return (GenerateConfig,)
+    if command == "score":
+        from .rewards import ScoreConfig
+
+        return (ScoreConfig,)
+    if command == "weight":
+        from .weighting import WeightConfig
+
+        return (WeightConfig,)
+    if command == "train":
+        from .training import ModelConfig, RLFreeConfig
+
+        return (ModelConfig, RLFreeConfig)
+    from .demo import DemoConfig
+
+    return (DemoConfig,)
+
+
+def _flags(dataclass_types: tuple) -> set[str]:
+    return {action.dest for action in HfArgumentParser(dataclass_types)._actions}
+
+
+def _recipe_values(path: str, command: str, flags: set[str]) -> dict:
+    """This command's values from a recipe: top-level keys it has, then its own section (which wins).
+
+    A top-level key belongs to every command that has that flag, so one recipe can drive all stages; a key that no
+    command has, or a section key this command lacks, is an error.
+    """
     recipe = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(recipe, dict):
         raise StageInputError(f"--config {path}: expected a mapping of flag names to values")
-    flat = {key: value for key, value in recipe.items() if key not in COMMANDS}
     section = recipe.get(command) or {}
-    return flat | section
+    flat = {key: value for key, value in recipe.items() if key not in COMMANDS}
+    unknown = sorted(set(section) - flags)
+    stray = sorted(set(flat) - flags)
+    if stray:
+        known_elsewhere = set().union(*(_flags(command_types(other)) for other in COMMANDS if other != command))
+        unknown += [key for key in stray if key not in known_elsewhere]
+    if unknown:
+        raise StageInputError(f"--config {path}: unknown key(s) for `rlfree {command}`: {sorted(unknown)}")
+    return {key: value for key, value in flat.items() if key in flags} | section
 
 
 def parse_command(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
@@ -37,55 +76,58 @@ def parse_command(command: str, dataclass_types: tuple, argv: list[str]) -> tupl
     parser = HfArgumentParser(dataclass_types, prog=f"rlfree {command}")
     parser.add_argument("--config", help="YAML recipe holding any of these flags.")
     if known.config:
-        values = _recipe_values(known.config, command)
         destinations = {action.dest: action for action in parser._actions}
-        unknown = sorted(set(values) - set(destinations))
-        if unknown:
-            raise StageInputError(f"--config {known.config}: unknown key(s) for `rlfree {command}`: {unknown}")
-        for key in values:
+        values = _recipe_values(known.config, command, set(destinations))
+        for key, value in values.items():
             destinations[key].required = False
+            if destinations[key].nargs in ("+", "*") and not isinstance(value, list):
+                values[key] = [value]
         parser.set_defaults(**values)
-    *parsed, _ = parser.parse_args_into_dataclasses(rest, look_for_args_file=False)
+    *parsed, _, remaining = parser.parse_args_into_dataclasses(
+        rest, look_for_args_file=False, return_remaining_strings=True
+    )
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
     return tuple(parsed)
 
 
 def _generate(argv: list[str]) -> None:
-    from .generation import GenerateConfig, generate
+    from .generation import generate
 
-    (config,) = parse_command("generate", (GenerateConfig,), argv)
+    (config,) = parse_command("generate", command_types("generate"), argv)
     dataset = generate(config)
     print(f"wrote {len(dataset)} completions to {config.output_dir}")
 
 
 def _score(argv: list[str]) -> None:
-    from .rewards import ScoreConfig, score
+    from .rewards import score
 
-    (config,) = parse_command("score", (ScoreConfig,), argv)
+    (config,) = parse_command("score", command_types("score"), argv)
     dataset = score(config)
     print(f"wrote {len(dataset)} scored completions to {config.output_dir}")
 
 
 def _weight(argv: list[str]) -> None:
-    from .weighting import WeightConfig, weight
+    from .weighting import weight
 
-    (config,) = parse_command("weight", (WeightConfig,), argv)
+    (config,) = parse_command("weight", command_types("weight"), argv)
     weight(config)
     print(f"wrote weights to {config.output_dir}")
 
 
 def _train(argv: list[str]) -> None:
-    from .training import ModelConfig, RLFreeConfig, train
+    from .training import train
 
-    model_config, args = parse_command("train", (ModelConfig, RLFreeConfig), argv)
+    model_config, args = parse_command("train", command_types("train"), argv)
     trainer = train(model_config, args)
     if trainer.is_world_process_zero():
         print(f"wrote the trained model to {args.output_dir}")
 
 
 def _demo(argv: list[str]) -> None:
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
-    (config,) = parse_command("demo", (DemoConfig,), argv)
+    (config,) = parse_command("demo", command_types("demo"), argv)
     run_demo(config)
 
 

@@ -39,7 +39,11 @@ def load_prompts(source: str, split: str = "train") -> Dataset:
             raise StageInputError(
                 f"--prompts {source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .parquet or .csv"
             )
-        dataset = load_dataset(builder, data_files=str(path), split="train")
+        try:
+            dataset = load_dataset(builder, data_files=str(path), split="train")
+        except (StopIteration, ValueError) as error:
+            # datasets has no row-level message for an empty file: a bare StopIteration (json) or "no data" (csv).
+            raise StageInputError(f"--prompts {source}: the prompt set is empty or unreadable ({error!r})") from error
     else:
         dataset = load_dataset(source, split=split)
     if isinstance(dataset, DatasetDict):

@@ -176,6 +176,8 @@ def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
             f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
             f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
         )
+    if len(bad) == len(dataset):
+        raise StageInputError(f"every one of the {len(dataset)} rewards is NaN/inf/None: nothing is left to weight")
     print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
     keep = sorted(set(range(len(dataset))) - set(bad))
     return dataset.select(keep)

@@ -20,7 +20,7 @@ UNK = "<unk>"
 VOCAB: list[str] = [EOS, UNK, *(str(d) for d in range(10)), "+", "="]
 
 _PROMPT_RE = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=")
-_BATCH_SIZE = 256
+_BATCH_SIZE = 512
 _TRAIN_LEN = 7  # "a + b =" (4 tokens) + up to two answer digits + EOS
 
 
@@ -83,7 +83,8 @@ def build_reference_model(
     """A tiny Llama trained briefly on noisy sums, so pi_ref is meaningful but imperfect and spread out.
 
     Each training answer is correct with probability `correct_fraction` and a plausible wrong answer
-    otherwise, so the model's exact accuracy is about `correct_fraction` with real mass on several answers.
+    otherwise, so the model puts real mass on several answers; after the short training its exact accuracy
+    is a little below `correct_fraction` (about 0.4-0.45 for 0.5), with the correct answer still the mode.
     """
     tokenizer = build_tokenizer()
     eos_id = tokenizer.eos_token_id
@@ -108,7 +109,7 @@ def build_reference_model(
 
     rng = random.Random(seed)
     prompts = [(tokenizer(row["prompt"])["input_ids"], _true_sum(row["prompt"])) for row in make_prompts()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(train_steps, 1))
     model.train()
     for _ in range(train_steps):
@@ -149,32 +150,36 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """Exact float64 log pi(o | q) per completion, teacher forced through the full softmax at temperature 1.
 
-    Right padding needs no attention mask in a causal model: padded positions come after every position read.
+    Completions that differ only in their last token share one forward pass over prompt + the rest, so an
+    enumeration costs one pass per distinct prefix (about vocab_size times fewer). `batch_size` counts those
+    prefixes. Right padding needs no attention mask in a causal model: pads come after every position read.
     The model is put in eval mode for the call (dropout would make the numbers inexact) and then restored.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must be non-empty: the first completion token is predicted from it")
+    prefix_index: dict[tuple[int, ...], int] = {}
+    for completion in completions:
+        prefix_index.setdefault(tuple(completion[:-1]), len(prefix_index))
+    prefixes = list(prefix_index)
+    width = max((len(c) for c in completions), default=0)
+    rows = torch.tensor([prefix_index[tuple(c[:-1])] for c in completions], dtype=torch.long)
+    targets = torch.tensor([c + [0] * (width - len(c)) for c in completions], dtype=torch.long)
+    mask = torch.arange(width) < torch.tensor([len(c) for c in completions]).unsqueeze(1)
+    positions = torch.arange(width)
     device = next(model.parameters()).device
-    prompt_len = len(prompt_ids)
+    result = torch.zeros(len(completions), dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
-        results = []
-        for start in range(0, len(completions), batch_size):
-            chunk = completions[start : start + batch_size]
-            width = max(len(c) for c in chunk)
-            targets = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for i, completion in enumerate(chunk):
-                targets[i, : len(completion)] = torch.tensor(completion, dtype=torch.long)
-                mask[i, : len(completion)] = True
-            prompt = torch.tensor(prompt_ids, dtype=torch.long).expand(len(chunk), -1)
-            input_ids = torch.cat([prompt, targets], dim=1).to(device)
-            logits = model(input_ids=input_ids).logits[:, prompt_len - 1 : prompt_len - 1 + width]
-            logprobs = logits.double().log_softmax(-1).cpu()
-            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            results.append(token_logprobs.masked_fill(~mask, 0.0).sum(-1))
-        return torch.cat(results)
+        for start in range(0, len(prefixes), batch_size):
+            chunk = prefixes[start : start + batch_size]
+            input_ids = torch.tensor([prompt_ids + [*p] + [0] * (width - 1 - len(p)) for p in chunk])
+            logits = model(input_ids=input_ids.to(device)).logits[:, len(prompt_ids) - 1 :]
+            logprobs = logits.double().log_softmax(-1).cpu()  # [prefix, step, vocab]: log pi(. | q, o_<step)
+            selected = (rows >= start) & (rows < start + len(chunk))
+            token_logprobs = logprobs[rows[selected, None] - start, positions, targets[selected]]
+            result[selected] = token_logprobs.masked_fill(~mask[selected], 0.0).sum(-1)
+        return result
     finally:
         model.train(was_training)
 

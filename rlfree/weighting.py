@@ -88,7 +88,7 @@ def rlif_exponents(config: WeightConfig, num_tokens: torch.Tensor) -> torch.Tens
 
 
 def _column(dataset: Dataset, name: str) -> torch.Tensor:
-    values = torch.tensor(dataset[name], dtype=torch.float64)
+    values = torch.tensor([math.nan if value is None else value for value in dataset[name]], dtype=torch.float64)
     bad = torch.nonzero(~torch.isfinite(values))
     if len(bad):
         raise StageInputError(f"column {name!r} is not finite in {len(bad)} row(s), first at row {int(bad[0])}")
@@ -135,7 +135,7 @@ def summarize(per_prompt: dict[str, torch.Tensor]) -> dict[str, float]:
         "num_prompts": int(present.sum()),
         "num_samples": int(per_prompt["count"].sum()),
         "ess_min": float(ess.min()),
-        "ess_median": float(ess.median()),
+        "ess_median": float(ess.quantile(0.5)),
         "kl_estimate_mean": float(kl_estimate.mean()),
         "kl_estimate_max": float(kl_estimate.max()),
         "share_ess_below_2": float((ess < 2).double().mean()),

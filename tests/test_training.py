@@ -93,10 +93,12 @@ def test_trains_on_generated_ids_not_on_the_text(reference_dir, tmp_path):
     )
     model = AutoModelForCausalLM.from_pretrained(reference_dir)
     before_ids = _logprob(model, [3, 12, 4, 13], [3, 4, 0])
-    before_text = _logprob(model, [3, 12, 4, 13], [9, 9, 0])
     RLFreeTrainer(model, args, Dataset.from_list(rows), toy.build_tokenizer()).train()
-    assert _logprob(model, [3, 12, 4, 13], [3, 4, 0]) > before_ids + 1.0
-    assert _logprob(model, [3, 12, 4, 13], [9, 9, 0]) < before_text
+    after_ids = _logprob(model, [3, 12, 4, 13], [3, 4, 0])
+    after_text = _logprob(model, [3, 12, 4, 13], [9, 9, 0])
+    # "1 2 <eos>" is learned and stays far likelier than the text's tokens; re-tokenizing would reverse both.
+    assert after_ids > before_ids + 1.0, (before_ids, after_ids)
+    assert after_ids > after_text + 3.0, (after_ids, after_text)
 
 
 def test_checkpoint_is_sft_style_with_model_card(reference_dir, tmp_path):

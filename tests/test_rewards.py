@@ -1,0 +1,266 @@
+"""The scoring stage: reward functions (TRL signature), their combination, invalid rewards, and reward models."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+
+from rlfree import toy
+from rlfree.data import StageInputError
+from rlfree.rewards import RewardModel, ScoreConfig, load_reward_function, score, score_dataset
+
+
+def write_module(path, source: str) -> str:
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+def generated_dataset(**extra_columns) -> Dataset:
+    """Three completions shaped like `rlfree generate` output (prompt, completion, ids, indices)."""
+    columns = {
+        "prompt": ["1 + 2 =", "1 + 2 =", "4 + 4 ="],
+        "completion": [" 3", " 4", " 8"],
+        "prompt_index": [0, 0, 1],
+        "sample_index": [0, 1, 0],
+        "prompt_ids": [[3, 12, 4, 13], [3, 12, 4, 13], [6, 12, 6, 13]],
+        "completion_ids": [[5, 0], [6], [10, 0]],
+        "answer": ["3", "3", "8"],
+    }
+    columns.update(extra_columns)
+    return Dataset.from_dict(columns)
+
+
+# --- load_reward_function --------------------------------------------------------------------------------------------
+
+
+def test_load_reward_function_from_a_file_path(tmp_path):
+    path = write_module(
+        tmp_path / "r.py",
+        """
+        def length_reward(prompts, completions, **kwargs):
+            return [float(len(c)) for c in completions]
+        """,
+    )
+    function = load_reward_function(f"{path}:length_reward")
+    assert function(prompts=["a", "b"], completions=["xyz", ""]) == [3.0, 0.0]
+
+
+def test_load_reward_function_from_a_module_spec():
+    function = load_reward_function("rlfree.toy:arithmetic_reward")
+    assert function is toy.arithmetic_reward
+    assert function(["1 + 2 =", "9 + 9 ="], [" 3", " 1 7"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("spec", ["rewards.py", "rlfree.toy", "rlfree.toy:", ":arithmetic_reward"])
+def test_reward_spec_without_module_and_function_is_rejected(spec):
+    with pytest.raises(StageInputError, match=r"expected path/to/file\.py:FUNC or package\.module:FUNC"):
+        load_reward_function(spec)
+
+
+def test_reward_spec_with_a_missing_file_names_the_file(tmp_path):
+    missing = tmp_path / "nowhere.py"
+    with pytest.raises(StageInputError, match=re.escape(f"file {missing} not found")):
+        load_reward_function(f"{missing}:f")
+
+
+def test_reward_spec_with_a_missing_function_names_it(tmp_path):
+    path = write_module(tmp_path / "r_nofunc.py", "VALUE = 1\n")
+    with pytest.raises(StageInputError, match=r"has no function 'VALUE'"):
+        load_reward_function(f"{path}:VALUE")
+    with pytest.raises(StageInputError, match=r"has no function 'no_such_reward'"):
+        load_reward_function("rlfree.toy:no_such_reward")
+
+
+def test_reward_spec_with_an_unimportable_module_names_it():
+    with pytest.raises(StageInputError, match=r"cannot import module 'rlfree_no_such_module'"):
+        load_reward_function("rlfree_no_such_module:f")
+
+
+# --- score_dataset ---------------------------------------------------------------------------------------------------
+
+
+def test_score_dataset_passes_columns_as_kwargs_and_combines_weighted_rewards():
+    seen_kwargs = []
+
+    def exact_answer(prompts, completions, **kwargs):
+        seen_kwargs.append(sorted(kwargs))
+        return [float(c.strip() == a) for c, a in zip(completions, kwargs["answer"], strict=True)]
+
+    def token_count(prompts, completions, completion_ids, **kwargs):
+        return [len(ids) for ids in completion_ids]
+
+    scored = score_dataset(generated_dataset(), [exact_answer, token_count], weights=[1.0, 0.5], batch_size=2)
+    columns = scored.to_dict()
+
+    # exact_answer = 1, 0, 1; token_count = 2, 1, 2; reward = exact + 0.5 * count
+    assert columns["reward_exact_answer"] == [1.0, 0.0, 1.0]
+    assert columns["reward_token_count"] == [2.0, 1.0, 2.0]
+    assert columns["reward"] == [2.0, 0.5, 2.0]
+    assert columns["answer"] == ["3", "3", "8"]
+    expected_kwargs = ["answer", "completion_ids", "prompt_ids", "prompt_index", "sample_index"]
+    assert seen_kwargs == [expected_kwargs, expected_kwargs]  # two batches of at most 2 rows
+
+
+def test_score_dataset_replaces_an_existing_reward_column():
+    def one(prompts, completions, **kwargs):
+        return [1.0] * len(prompts)
+
+    scored = score_dataset(generated_dataset(reward=[9.0, 9.0, 9.0]), [one], weights=[3.0])
+    assert scored.to_dict()["reward"] == [3.0, 3.0, 3.0]
+
+
+def test_reward_of_the_wrong_length_names_the_reward_and_the_counts():
+    def too_short(prompts, completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(StageInputError, match=r"reward reward_too_short returned 1 values for 3 completions"):
+        score_dataset(generated_dataset(), [too_short])
+
+
+# --- score(): invalid rewards ----------------------------------------------------------------------------------------
+
+INVALID_REWARDS = """
+import math
+import re
+
+VALUES = {" 3": 1.0, " 4": None, " 8": math.nan, " 9": math.inf, " 5": 0.5}
+
+def flaky(prompts, completions, **kwargs):
+    return [VALUES[c] for c in completions]
+"""
+
+
+def invalid_reward_setup(tmp_path, completions):
+    generated = tmp_path / "generated"
+    n = len(completions)
+    Dataset.from_dict(
+        {
+            "prompt": ["1 + 2 ="] * n,
+            "completion": completions,
+            "prompt_index": [0] * n,
+            "sample_index": list(range(n)),
+        }
+    ).save_to_disk(str(generated))
+    reward = write_module(tmp_path / "flaky.py", INVALID_REWARDS)
+    return str(generated), f"{reward}:flaky"
+
+
+def test_invalid_reward_stops_the_stage_naming_the_row(tmp_path):
+    generated, reward = invalid_reward_setup(tmp_path, [" 3", " 8", " 4", " 9", " 5"])
+    config = ScoreConfig(input_dir=generated, output_dir=str(tmp_path / "scored"), reward=[reward])
+    with pytest.raises(
+        StageInputError, match=r"NaN/inf/None for 3 row\(s\); first: row 1 \(prompt_index 0, sample_index 1"
+    ):
+        score(config)
+    assert not (tmp_path / "scored").exists()
+
+
+def test_invalid_rewards_are_dropped_on_request(tmp_path, capsys):
+    generated, reward = invalid_reward_setup(tmp_path, [" 3", " 8", " 4", " 9", " 5"])
+    output = tmp_path / "scored"
+    config = ScoreConfig(input_dir=generated, output_dir=str(output), reward=[reward], drop_invalid_rewards=True)
+    score(config)
+
+    assert "dropped 3 of 5 rows" in capsys.readouterr().out
+    columns = load_from_disk(str(output)).to_dict()
+    assert columns["completion"] == [" 3", " 5"]
+    assert columns["sample_index"] == [0, 4]
+    assert columns["reward"] == [1.0, 0.5]
+    assert columns["reward_flaky"] == [1.0, 0.5]
+    settings = json.loads((output / "scoring.json").read_text())
+    assert settings["reward"] == [reward]
+    assert settings["drop_invalid_rewards"] is True
+
+
+def test_dropping_every_row_is_an_error_not_an_unreadable_folder(tmp_path):
+    generated, reward = invalid_reward_setup(tmp_path, [" 8", " 4"])
+    config = ScoreConfig(
+        input_dir=generated, output_dir=str(tmp_path / "scored"), reward=[reward], drop_invalid_rewards=True
+    )
+    with pytest.raises(StageInputError):
+        score(config)
+
+
+def test_score_config_needs_a_reward():
+    with pytest.raises(StageInputError, match=r"at least one --reward"):
+        ScoreConfig(input_dir="in", output_dir="out")
+
+
+def test_score_config_checks_the_number_of_reward_weights():
+    with pytest.raises(StageInputError, match=r"--reward_weights has 1 values for 2 rewards"):
+        ScoreConfig(input_dir="in", output_dir="out", reward=["a:f", "b:g"], reward_weights=[1.0])
+
+
+# --- reward models ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A randomly initialized one-layer Llama sequence classifier (one label) with the toy word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = toy.build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(toy.VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    path = tmp_path_factory.mktemp("models") / "tiny_rm"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def direct_scores(path, texts: list[str]) -> list[float]:
+    """The classifier's logit for each text, one unpadded forward pass per text."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = LlamaForSequenceClassification.from_pretrained(path).eval()
+    scores = []
+    with torch.no_grad():
+        for text in texts:
+            input_ids = torch.tensor([tokenizer(text)["input_ids"]])
+            scores.append(float(model(input_ids=input_ids).logits[0, 0]))
+    return scores
+
+
+def test_reward_model_returns_the_classifier_logit_of_prompt_plus_completion(reward_model_dir):
+    # Different lengths, so the batch is padded; "1" + "8" glues into the unknown word "18", so the texts must be
+    # the plain concatenation prompt + completion, with no separator added.
+    prompts = ["1 + 2 =", "9 + 9 = 1", "4 + 4 ="]
+    completions = [" 3", "8", " 8 8 8"]
+    expected = direct_scores(reward_model_dir, ["1 + 2 = 3", "9 + 9 = 18", "4 + 4 = 8 8 8"])
+    assert len(set(expected)) == 3
+
+    reward_model = RewardModel(str(reward_model_dir))
+    assert reward_model(prompts, completions) == pytest.approx(expected, abs=1e-5)
+    assert reward_model.__name__ == "tiny_rm"
+
+
+def test_score_stage_with_a_reward_model(tmp_path, reward_model_dir):
+    generated = tmp_path / "generated"
+    generated_dataset().save_to_disk(str(generated))
+    output = tmp_path / "scored"
+    score(ScoreConfig(input_dir=str(generated), output_dir=str(output), reward_model=[str(reward_model_dir)]))
+
+    columns = load_from_disk(str(output)).to_dict()
+    expected = direct_scores(reward_model_dir, ["1 + 2 = 3", "1 + 2 = 4", "4 + 4 = 8"])
+    assert columns["reward_tiny_rm"] == pytest.approx(expected, abs=1e-5)
+    assert columns["reward"] == pytest.approx(expected, abs=1e-5)
+    assert all(math.isfinite(value) for value in columns["reward"])
