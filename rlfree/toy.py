@@ -154,6 +154,8 @@ def completion_logprobs(
     enumeration costs one pass per distinct prefix (about vocab_size times fewer). `batch_size` counts those
     prefixes. Right padding needs no attention mask in a causal model: pads come after every position read.
     The model is put in eval mode for the call (dropout would make the numbers inexact) and then restored.
+    Written independently of `rlfree.modeling.completion_logprobs` on purpose: tests check the pipeline's
+    numbers against this one.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must be non-empty: the first completion token is predicted from it")
