@@ -42,11 +42,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the reference model, the prompts and the sampler."})
 
 
-def exact_report(model_dir: str, reference: dict, prompts: list[str], config: DemoConfig) -> dict[str, float]:
-    """Exact mean reward, accuracy, KL(pi_theta || pi_ref) and KL(pi* || pi_theta) of a saved model."""
-    model = load_causal_lm(model_dir, device=torch.device("cpu"))
-    tokenizer = toy.build_tokenizer()
-    logprobs = toy.exact_distributions(model, tokenizer, prompts, config.max_new_tokens)["logprobs"]
+def exact_report(logprobs: torch.Tensor, reference: dict) -> dict[str, float]:
+    """Exact mean reward, accuracy, KL(pi_theta || pi_ref) and KL(pi* || pi_theta) of a model's enumeration."""
     mean_reward, accuracy = toy.accuracy_and_reward(logprobs, reference["rewards"])
     return {
         "mean_reward": mean_reward,
@@ -156,10 +153,12 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     prompts = [row["prompt"] for row in prompt_rows]
     reference = toy.exact_distributions(model, tokenizer, prompts, config.max_new_tokens)
     reference["target"] = target_logprobs(reference, config)
+    trained_model = load_causal_lm(str(out / "model"), device=torch.device("cpu"))
+    trained = toy.exact_distributions(trained_model, tokenizer, prompts, config.max_new_tokens)
     target_reward, target_accuracy = toy.accuracy_and_reward(reference["target"], reference["rewards"])
     rows = {
-        "pi_ref (before)": exact_report(str(out / "reference"), reference, prompts, config),
-        "rlfree (after)": exact_report(str(out / "model"), reference, prompts, config),
+        "pi_ref (before)": exact_report(reference["logprobs"], reference),
+        "rlfree (after)": exact_report(trained["logprobs"], reference),
         "pi* (exact target)": {
             "mean_reward": target_reward,
             "accuracy": target_accuracy,
