@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import RLOOConfig, RLOOTrainer
 
-from .data import StageInputError, load_prompts
+from .data import load_prompts
+from .errors import StageInputError
 from .modeling import load_tokenizer
 from .rewards import load_reward_function, reward_functions_field
 

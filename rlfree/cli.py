@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .data import StageInputError
+from .errors import StageInputError
 
 COMMANDS = ("generate", "score", "weight", "train", "run", "inspect", "sample", "evaluate", "ab", "baseline", "demo")
 

@@ -19,12 +19,10 @@ from typing import Any
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 
+from .errors import StageInputError
+
 SIDECARS = ("generation", "scoring", "weighting", "training", "sampling")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class StageInputError(ValueError):
-    """Bad input to a stage: the message names the field and the fix."""
 
 
 def load_prompts(source: str, split: str = "train") -> Dataset:
@@ -67,17 +65,19 @@ def load_prompts(source: str, split: str = "train") -> Dataset:
     return dataset
 
 
-def load_stage(input_dir: str | os.PathLike, required: tuple[str, ...] = (), hint: str = "") -> Dataset:
-    """Load an earlier stage's output and check it has the columns this stage needs."""
+def load_stage(
+    input_dir: str | os.PathLike, required: tuple[str, ...] = (), hint: str = "", flag: str = "--input_dir"
+) -> Dataset:
+    """Load an earlier stage's output and check it has the columns this stage needs; errors name `flag`."""
     path = Path(input_dir)
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
-        raise StageInputError(f"--input_dir {path}: not a dataset folder written by an rlfree stage")
+        raise StageInputError(f"{flag} {path}: not a dataset folder written by an rlfree stage")
     dataset = load_from_disk(str(path))
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
-        raise StageInputError(f"--input_dir {path}: missing column(s) {missing}. {hint}".rstrip())
+        raise StageInputError(f"{flag} {path}: missing column(s) {missing}. {hint}".rstrip())
     if len(dataset) == 0:
-        raise StageInputError(f"--input_dir {path}: the dataset is empty")
+        raise StageInputError(f"{flag} {path}: the dataset is empty")
     return dataset
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from .data import StageInputError, process_state
+from .data import process_state
+from .errors import StageInputError
 from .generation import GenerateConfig, generate
 from .inspection import PromptGroups, format_number, format_table, read_columns, save_plot
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score

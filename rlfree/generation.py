@@ -28,7 +28,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .data import StageInputError, folder_stamp, load_prompts, process_state, run_in_shards
+from .data import folder_stamp, load_prompts, process_state, run_in_shards
+from .errors import StageInputError
 from .modeling import (
     eos_token_ids,
     load_causal_lm,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from datasets import Dataset, Value
 
-from .data import StageInputError, load_stage, read_sidecars
+from .data import load_stage, read_sidecars
+from .errors import StageInputError
 from .weighting import WeightConfig, beta_sweep, diagnostics, format_rows
 
 MIN_MEDIAN_MAX = ("min", "median", "max")

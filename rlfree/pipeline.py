@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import StageInputError, changed_settings, describe_changes, process_state, read_sidecars
+from .data import changed_settings, describe_changes, process_state, read_sidecars
+from .errors import StageInputError
 
 STAGES = ("generate", "score", "weight", "train")
 # The sidecar each stage leaves in its output folder, written last: its presence means the folder is complete.

@@ -23,7 +23,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .data import StageInputError, load_stage, process_state, run_in_shards
+from .data import load_stage, process_state, run_in_shards
+from .errors import StageInputError
 from .modeling import default_device
 
 RewardFunction = Callable[..., list[float]]

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .data import StageInputError, process_state, save_stage
+from .data import process_state, save_stage
+from .errors import StageInputError
 from .generation import GenerateConfig, generate
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
 from .weighting import group_max, normalize_per_group

@@ -21,7 +21,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import StageInputError, load_stage, read_sidecars
+from .data import load_stage, read_sidecars
+from .errors import StageInputError
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     default_device,
@@ -234,7 +235,9 @@ def build_model(model_config: ModelConfig):
 
 def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
-    dataset = load_stage(args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.")
+    dataset = load_stage(
+        args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.", flag="--dataset_dir"
+    )
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
     sharded = trainer.is_fsdp_enabled or (

@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from .data import StageInputError
+from .errors import StageInputError
 
 # A number: thousands groups (1,234,567) or plain digits, an optional decimal part; or a bare decimal (.5).
 # A leading minus counts only when it is not a binary minus (not right after a digit, letter or closing bracket).

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from datasets import Dataset, load_from_disk
 
-from .data import StageInputError, load_stage, process_state, save_stage
+from .data import load_stage, process_state, save_stage
+from .errors import StageInputError
 
 WEIGHTINGS = ("rlhf", "rlif", "rlhf+rlif")
 BETA_SCOPES = ("global", "prompt")
