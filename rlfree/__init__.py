@@ -2,17 +2,43 @@
 
 The KL-regularized RLHF optimum pi*(o|q) ~ pi_ref(o|q) exp(r(q,o)/beta) is fitted by weighted maximum likelihood
 in four stages that talk through datasets on disk: generate -> score -> weight -> train.
+
+The public names import on first use (PEP 562), so `import rlfree.cli` and `rlfree --help` load no torch.
 """
 
-from .generation import GenerateConfig, generate
-from .inspection import InspectConfig
-from .inspection import inspect as inspect_stage
-from .pipeline import RunConfig, run_recipe
-from .rewards import ScoreConfig, score
-from .training import ModelConfig, RLFreeConfig, RLFreeTrainer, train
-from .weighting import WeightConfig, weight
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .generation import GenerateConfig, generate
+    from .inspection import InspectConfig
+    from .inspection import inspect as inspect_stage
+    from .pipeline import RunConfig, run_recipe
+    from .rewards import ScoreConfig, score
+    from .training import ModelConfig, RLFreeConfig, RLFreeTrainer, train
+    from .weighting import WeightConfig, weight
 
 __version__ = "0.1.0"
+
+# public name -> (submodule, its name there)
+_EXPORTS = {
+    "GenerateConfig": ("generation", "GenerateConfig"),
+    "InspectConfig": ("inspection", "InspectConfig"),
+    "RunConfig": ("pipeline", "RunConfig"),
+    "ModelConfig": ("training", "ModelConfig"),
+    "RLFreeConfig": ("training", "RLFreeConfig"),
+    "RLFreeTrainer": ("training", "RLFreeTrainer"),
+    "ScoreConfig": ("rewards", "ScoreConfig"),
+    "WeightConfig": ("weighting", "WeightConfig"),
+    "generate": ("generation", "generate"),
+    "inspect_stage": ("inspection", "inspect"),
+    "run_recipe": ("pipeline", "run_recipe"),
+    "score": ("rewards", "score"),
+    "train": ("training", "train"),
+    "weight": ("weighting", "weight"),
+}
 
 __all__ = [
     "GenerateConfig",
@@ -30,3 +56,17 @@ __all__ = [
     "train",
     "weight",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's submodule the first time the name is asked for, then keep it."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,12 +8,12 @@ named after the command (which win); flags on the command line win over both.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
 
 from .errors import StageInputError
 
@@ -63,7 +63,8 @@ def command_types(command: str) -> tuple:
             from .baselines import BaselineConfig, BaselineRLOOConfig
         except ImportError as error:
             raise StageInputError(
-                f"`rlfree baseline` needs TRL ({error}); install it with: pip install 'rlfree[baselines]'"
+                f"`rlfree baseline` needs TRL ({error}); install it from the repository root with: "
+                "pip install -e '.[baselines]'"
             ) from None
         return (BaselineConfig, BaselineRLOOConfig)
     from .demo import DemoConfig
@@ -72,6 +73,8 @@ def command_types(command: str) -> tuple:
 
 
 def _flags(dataclass_types: tuple) -> set[str]:
+    from transformers import HfArgumentParser
+
     return {action.dest for action in HfArgumentParser(dataclass_types)._actions}
 
 
@@ -112,16 +115,55 @@ def _recipe_values(path: str, command: str, flags: set[str]) -> dict:
     return {key: value for key, value in flat.items() if key in flags} | section
 
 
-def parse_command(command: str, dataclass_types: tuple, argv: list[str]) -> tuple:
-    """Parse `argv` into the dataclasses, with defaults taken from `--config` when given."""
-    pre = argparse.ArgumentParser(add_help=False)
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--config`'s value, and the other arguments (no prefix matching: `--conf` is not `--config`)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types, prog=f"rlfree {command}")
+    return known.config, rest
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[argparse.Action]:
+    """The parser's actions named on the command line; an unknown flag is an error naming a close match.
+
+    Checked before the dataclasses are built, because their `__post_init__` runs first inside
+    `parse_args_into_dataclasses`: a misspelled `--beat 0.5` would otherwise be reported as a missing `--beta`.
+    """
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    canonical = [action.option_strings[0] for action in parser._actions if action.option_strings[0].startswith("--")]
+    given, unknown = [], []
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        if flag in actions:
+            given.append(actions[flag])
+            continue
+        close = difflib.get_close_matches(flag, canonical, n=1)
+        unknown.append(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if unknown:
+        raise StageInputError("; ".join(unknown))
+    return given
+
+
+def parse_command(command: str, dataclass_types: tuple, argv: list[str], usage: str | None = None) -> tuple:
+    """Parse `argv` into the dataclasses, with defaults taken from `--config` when given.
+
+    A flag on the command line also drops, from the recipe's values, the alternatives its dataclass declares in
+    `RECIPE_ALTERNATIVES` (`--target_kl` replaces a recipe's `beta` instead of conflicting with it).
+    """
+    from transformers import HfArgumentParser
+
+    recipe, rest = _split_config(argv)
+    parser = HfArgumentParser(dataclass_types, prog=f"rlfree {command}", usage=usage, allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe holding any of these flags.")
-    if known.config:
+    given = {action.dest for action in _given_flags(parser, rest)}
+    if recipe:
         destinations = {action.dest: action for action in parser._actions}
-        values = _recipe_values(known.config, command, set(destinations))
+        values = _recipe_values(recipe, command, set(destinations))
+        groups = [group for kind in dataclass_types for group in getattr(kind, "RECIPE_ALTERNATIVES", ())]
+        overridden = {name for group in groups if given & set(group) for name in group} - given
+        values = {key: value for key, value in values.items() if key not in overridden}
         for key, value in values.items():
             destinations[key].required = False
             if destinations[key].nargs in ("+", "*") and not isinstance(value, list):
@@ -135,12 +177,20 @@ def parse_command(command: str, dataclass_types: tuple, argv: list[str]) -> tupl
     return tuple(parsed)
 
 
+def _report(message: str) -> None:
+    """Print once: under `accelerate launch` every process runs the stage, and only the main one speaks."""
+    from .data import process_state
+
+    if process_state().is_main_process:
+        print(message)
+
+
 def _generate(argv: list[str]) -> None:
     from .generation import generate
 
     (config,) = parse_command("generate", command_types("generate"), argv)
     dataset = generate(config)
-    print(f"wrote {len(dataset)} completions to {config.output_dir}")
+    _report(f"wrote {len(dataset)} completions to {config.output_dir}")
 
 
 def _score(argv: list[str]) -> None:
@@ -148,7 +198,7 @@ def _score(argv: list[str]) -> None:
 
     (config,) = parse_command("score", command_types("score"), argv)
     dataset = score(config)
-    print(f"wrote {len(dataset)} scored completions to {config.output_dir}")
+    _report(f"wrote {len(dataset)} scored completions to {config.output_dir}")
 
 
 def _weight(argv: list[str]) -> None:
@@ -156,7 +206,7 @@ def _weight(argv: list[str]) -> None:
 
     (config,) = parse_command("weight", command_types("weight"), argv)
     weight(config)
-    print(f"wrote weights to {config.output_dir}")
+    _report(f"wrote weights to {config.output_dir}")
 
 
 def _train(argv: list[str]) -> None:
@@ -171,14 +221,12 @@ def _train(argv: list[str]) -> None:
 def _run(argv: list[str]) -> None:
     from .pipeline import run_recipe
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    recipe = pre.parse_known_args(argv)[0].config
+    recipe, _ = _split_config(argv)
     (config,) = parse_command("run", command_types("run"), argv)
     if not recipe:
         raise StageInputError("`rlfree run` needs --config recipe.yaml (a section per stage; see recipes/toy.yaml)")
     models = run_recipe(recipe, config)
-    print(f"trained model{'s' if len(models) > 1 else ''}: {', '.join(models)}")
+    _report(f"trained model{'s' if len(models) > 1 else ''}: {', '.join(models)}")
 
 
 def _inspect(argv: list[str]) -> None:
@@ -186,7 +234,8 @@ def _inspect(argv: list[str]) -> None:
 
     if argv and not argv[0].startswith("-"):
         argv = ["--input_dir", *argv]  # `rlfree inspect DIR`
-    (config,) = parse_command("inspect", command_types("inspect"), argv)
+    usage = "%(prog)s DIR [flags]   (DIR: the folder to inspect, the same as --input_dir DIR)"
+    (config,) = parse_command("inspect", command_types("inspect"), argv, usage=usage)
     inspect(config)
 
 
@@ -195,7 +244,7 @@ def _sample(argv: list[str]) -> None:
 
     (config,) = parse_command("sample", command_types("sample"), argv)
     picked = soft_best_of_n(config)
-    print(f"wrote {len(picked)} picked completions to {config.output_dir}/picked")
+    _report(f"wrote {len(picked)} picked completions to {config.output_dir}/picked")
 
 
 def _evaluate(argv: list[str]) -> None:
@@ -213,9 +262,9 @@ def _ab(argv: list[str]) -> None:
 
 
 def _baseline(argv: list[str]) -> None:
+    config, args = parse_command("baseline", command_types("baseline"), argv)  # first: it explains a missing TRL
     from .baselines import train_baseline
 
-    config, args = parse_command("baseline", command_types("baseline"), argv)
     trainer = train_baseline(config, args)
     if trainer.is_world_process_zero():
         print(f"wrote the RLOO baseline (beta={args.beta}) to {args.output_dir}")
@@ -254,7 +303,7 @@ commands:
   sample     soft best-of-N: one of N reference samples with probability softmax(r / beta), no training
   evaluate   a model's mean reward and its KL to a reference (k1, k3), with confidence intervals
   ab         model A against model B on the same prompts and reward: win rate with a bootstrap interval
-  baseline   the on-policy baseline: TRL's RLOO on the same prompts, reward and beta (pip install 'rlfree[baselines]')
+  baseline   the on-policy baseline: TRL's RLOO on the same prompts, reward and beta (pip install -e '.[baselines]')
   demo       the whole pipeline offline on a tiny arithmetic task, with exact KL figures
 """
 

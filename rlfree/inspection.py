@@ -43,7 +43,12 @@ BETA_CURVE_ROWS_PRINTED = 5
 class InspectConfig:
     """Settings of `rlfree inspect`."""
 
-    input_dir: str = field(metadata={"help": "Output folder of `rlfree generate`, `rlfree score` or `rlfree weight`."})
+    input_dir: str = field(
+        metadata={
+            "help": "Output folder of `rlfree generate`, `rlfree score` or `rlfree weight`; may also be given as the "
+            "first argument: `rlfree inspect DIR`."
+        }
+    )
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Where the plots and inspect.json go (default: an `inspect` folder inside --input_dir)."},

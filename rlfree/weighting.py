@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -33,6 +34,12 @@ BETA_SCOPES = ("global", "prompt")
 @dataclass
 class WeightConfig:
     """Settings of `rlfree weight`."""
+
+    # Alternatives that replace each other: one given on the command line drops the others from a recipe.
+    RECIPE_ALTERNATIVES: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("beta", "target_kl", "target_ess"),
+        ("rlif_exponent", "beta_if"),
+    )
 
     input_dir: str = field(metadata={"help": "Output folder of `rlfree score` (rlhf) or `rlfree generate` (rlif)."})
     output_dir: str = field(metadata={"help": "Where the weighted dataset is written."})
