@@ -7,7 +7,7 @@ beta. GRPO is not used as the default baseline: its KL is a per-token k3 term av
 are std-normalized by default, so its beta is not the beta of that target. PPO is gone from current TRL releases
 (the last ones with `trl.experimental.ppo` need a reward *model* and a value head, not a reward function).
 
-TRL is an optional extra: `pip install "rlfree[baselines]"`. Every `RLOOConfig` flag is accepted, and the flags
+TRL is an optional extra: `pip install -e ".[baselines]"` from a checkout. Every `RLOOConfig` flag is accepted, and the flags
 rlfree shares with it (`--beta`, `--reward`, `--prompts`, `--model_name_or_path`) mean the same, so one recipe's
 top-level keys drive both methods on the same footing.
 """
@@ -20,7 +20,7 @@ import torch
 from trl import RLOOConfig, RLOOTrainer
 
 from .data import load_prompts
-from .errors import StageInputError
+from .errors import StageInputError, check_finite
 from .modeling import load_tokenizer
 from .rewards import load_reward_function, reward_functions_field
 
@@ -30,6 +30,7 @@ class BaselineRLOOConfig(RLOOConfig):
     """TRL's RLOOConfig, made CPU-aware like `RLFreeConfig`."""
 
     def __post_init__(self):
+        check_finite(self)
         if torch.accelerator.current_accelerator() is None:
             # RLOOConfig defaults to bf16, which refuses to start on a CPU-only machine; train in fp32 there.
             self.use_cpu, self.bf16 = True, False
@@ -49,6 +50,7 @@ class BaselineConfig:
     )
 
     def __post_init__(self):
+        check_finite(self)
         if not self.reward:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC")
 

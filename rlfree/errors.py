@@ -22,3 +22,12 @@ def check_finite(config) -> None:
         for item in values:
             if isinstance(item, float) and not math.isfinite(item):
                 raise StageInputError(f"--{spec.name} must be a finite number, got {value}")
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """argparse checks `choices` on the command line; this checks them for configs built in Python too."""
+    if value not in choices:
+        raise StageInputError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")

@@ -21,7 +21,7 @@ import numpy as np
 from datasets import Dataset
 
 from .data import process_state
-from .errors import StageInputError
+from .errors import StageInputError, check_finite
 from .generation import GenerateConfig, generate
 from .inspection import PromptGroups, format_number, format_table, read_columns, save_plot
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
@@ -59,6 +59,7 @@ class EvaluateConfig:
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
 
     def __post_init__(self):
+        check_finite(self)
         if not self.reward and not self.reward_model:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
         if self.ref_model is not None and self.temperature != 1.0:
@@ -91,6 +92,7 @@ class ABConfig:
     confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
 
     def __post_init__(self):
+        check_finite(self)
         if not self.reward and not self.reward_model:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
         check_interval(self.confidence, self.num_bootstrap)

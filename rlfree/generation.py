@@ -28,8 +28,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .data import folder_stamp, load_prompts, process_state, run_in_shards
-from .errors import StageInputError
+from .data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards
+from .errors import DTYPES, StageInputError, check_choice, check_finite
 from .modeling import (
     eos_token_ids,
     load_causal_lm,
@@ -37,6 +37,9 @@ from .modeling import (
     model_completion_logprobs,
     pad_prompt_completion,
 )
+from .sources import context_length, load_model_config
+
+LONG_PROMPTS = ("error", "skip", "truncate")
 
 
 @dataclass
@@ -79,11 +82,22 @@ class GenerateConfig:
         default=64,
         metadata={"help": "Prompts per shard: the unit written at once, split across processes and resumed."},
     )
+    long_prompts: str = field(
+        default="error",
+        metadata={
+            "help": "A prompt that leaves the model's context no room for --max_new_tokens: stop with an error "
+            "naming it (error), leave it out (skip), or keep its last tokens (truncate).",
+            "choices": LONG_PROMPTS,
+        },
+    )
     prompts_split: str = field(default="train", metadata={"help": "Split to read when --prompts is a Hub dataset."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
     def __post_init__(self):
+        check_finite(self)
+        check_choice("--dtype", self.dtype, DTYPES)
+        check_choice("--long_prompts", self.long_prompts, LONG_PROMPTS)
         if self.num_samples < 1:
             raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
@@ -169,13 +183,11 @@ def plain_sampling(model: PreTrainedModel, eos: list[int], pad_token_id: int) ->
     saved = model.generation_config
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad_token_id)
     try:
+        # Greedy decoding never applies the sampling warpers (top_k, top_p, temperature), so they are left unset:
+        # setting them here only makes transformers warn on every call. The processors greedy does apply are off.
         yield GenerationConfig(
             do_sample=False,
             num_beams=1,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            typical_p=1.0,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             min_length=0,
@@ -280,7 +292,11 @@ def sample_completions(
             tensors = {key: value.to(model.device) for key, value in tensors.items()}
             # Teacher-forced, in bounded memory: logits of a chunk of completion positions at a time.
             model_inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["completion_mask"])
-            if ref_model is None:
+            if ref_model is None and not warpers:
+                # Sampling from pi_ref itself: one log-softmax gives both (half the teacher-forced pass's lm_head work).
+                (ref_logprob,) = model_completion_logprobs(model, *model_inputs)
+                proposal_logprob = ref_logprob
+            elif ref_model is None:
                 ref_logprob, proposal_logprob = model_completion_logprobs(model, *model_inputs, (None, warpers))
             else:
                 (ref_logprob,) = model_completion_logprobs(ref_model, *model_inputs)
@@ -301,6 +317,54 @@ def sample_completions(
     return results
 
 
+def fit_to_context(
+    prompt_ids: list[list[int]], config: GenerateConfig, context: tuple[int, str] | None, bos_token_id: int | None
+) -> tuple[list[int], list[int]]:
+    """Check that every prompt leaves room for --max_new_tokens in the model's context, before anything is created.
+
+    Past its context a model either fails (GPT-2's position table: an IndexError) or silently reads positions it was
+    never trained on (rotary models). Returns (indices of the prompts to sample, indices of the prompts cut); with
+    `--long_prompts truncate` the over-long prompts are cut in place to their last tokens (after a leading BOS, kept),
+    which sit next to the completion.
+    """
+    everything = list(range(len(prompt_ids)))
+    if context is None:
+        return everything, []
+    positions, name = context
+    if config.max_new_tokens >= positions:
+        raise StageInputError(
+            f"--max_new_tokens {config.max_new_tokens} leaves no room for a prompt: the model attends over "
+            f"{positions} positions ({name})"
+        )
+    room = positions - config.max_new_tokens
+    too_long = [index for index, ids in enumerate(prompt_ids) if len(ids) > room]
+    if too_long and config.long_prompts == "error":
+        first = too_long[0]
+        raise StageInputError(
+            f"prompt {first} has {len(prompt_ids[first])} tokens, but the model attends over {positions} positions "
+            f"({name}) and --max_new_tokens {config.max_new_tokens} leaves room for {room}; {len(too_long)} prompt(s) "
+            f"are too long (indices {too_long[:10]}{' ...' if len(too_long) > 10 else ''}). Shorten them, lower "
+            "--max_new_tokens, or pass --long_prompts skip (leave them out) or truncate (keep their last tokens)"
+        )
+    if config.long_prompts == "skip":
+        return sorted(set(everything) - set(too_long)), []
+    for index in too_long:
+        ids = prompt_ids[index]
+        keep_bos = bos_token_id is not None and ids[0] == bos_token_id
+        prompt_ids[index] = ids[:1] + ids[len(ids) - room + 1 :] if keep_bos else ids[-room:]
+    return everything, too_long
+
+
+def model_context(config: GenerateConfig) -> tuple[int, str] | None:
+    """The context of the model(s) sampled and scored, checked up front: the smaller one when there are two."""
+    contexts = [
+        context_length(load_model_config(flag, path, config.trust_remote_code))
+        for flag, path in (("--model_name_or_path", config.model_name_or_path), ("--ref_model", config.ref_model))
+        if path is not None
+    ]
+    return min((context for context in contexts if context is not None), default=None)
+
+
 def generate(config: GenerateConfig) -> Dataset:
     """Run the generation stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run.
 
@@ -309,11 +373,30 @@ def generate(config: GenerateConfig) -> Dataset:
     """
     state = process_state()
     prompt_rows = load_prompts(config.prompts, config.prompts_split)
+    context = model_context(config)
     # pi_ref defines the task: its tokenizer (and chat template) renders the prompts.
-    tokenizer = load_tokenizer(config.ref_model or config.model_name_or_path, config.trust_remote_code)
+    tokenizer_source = config.ref_model or config.model_name_or_path
+    try:
+        tokenizer = load_tokenizer(tokenizer_source, config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise StageInputError(f"{tokenizer_source}: cannot load the tokenizer ({error})") from None
     texts, prompt_ids = render_prompts(prompt_rows, tokenizer)
+    sampled, cut = fit_to_context(prompt_ids, config, context, tokenizer.bos_token_id)
+    for index in cut:
+        texts[index] = tokenizer.decode(prompt_ids[index])
     extra_columns = [name for name in prompt_rows.column_names if name != "prompt"]
     extras = prompt_rows.select_columns(extra_columns).to_list() if extra_columns else [{}] * len(texts)
+
+    stamps = {"model_stamp": folder_stamp(config.model_name_or_path)}
+    if config.ref_model is not None:
+        stamps["ref_model_stamp"] = folder_stamp(config.ref_model)
+    settings = asdict(config) | {"num_prompts": len(texts)} | stamps
+    inputs = {"--model_name_or_path": config.model_name_or_path, "--ref_model": config.ref_model}
+    check_output_dir(config.output_dir, "generation", settings, inputs | {"--prompts": config.prompts})
+    if state.is_main_process and len(sampled) < len(texts):
+        print(f"--long_prompts skip: left out {len(texts) - len(sampled)} prompt(s) too long for the context")
+    if state.is_main_process and cut:
+        print(f"--long_prompts truncate: kept the last tokens of {len(cut)} prompt(s) too long for the context")
 
     @functools.cache
     def models() -> tuple[PreTrainedModel, PreTrainedModel | None]:
@@ -326,12 +409,12 @@ def generate(config: GenerateConfig) -> Dataset:
         check_same_tokens(config.model_name_or_path, model, proposal_tokenizer, config.ref_model, ref_model, tokenizer)
         return model, ref_model
 
-    def make_shard(prompts: range) -> Dataset:
+    def make_shard(positions: range) -> Dataset:
         model, ref_model = models()
         samples = sample_completions(
             model,
             tokenizer,
-            {index: prompt_ids[index] for index in prompts},
+            {sampled[position]: prompt_ids[sampled[position]] for position in positions},
             num_samples=config.num_samples,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -357,8 +440,4 @@ def generate(config: GenerateConfig) -> Dataset:
             )
         return Dataset.from_list(rows)
 
-    stamps = {"model_stamp": folder_stamp(config.model_name_or_path)}
-    if config.ref_model is not None:
-        stamps["ref_model_stamp"] = folder_stamp(config.ref_model)
-    settings = asdict(config) | {"num_prompts": len(texts)} | stamps
-    return run_in_shards(config.output_dir, "generation", settings, len(texts), config.shard_size, make_shard)
+    return run_in_shards(config.output_dir, "generation", settings, len(sampled), config.shard_size, make_shard)

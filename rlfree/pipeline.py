@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import changed_settings, describe_changes, process_state, read_sidecars
+from .data import describe_changes, process_state, recorded_changes
 from .errors import StageInputError
 
 STAGES = ("generate", "score", "weight", "train")
@@ -52,6 +52,11 @@ def stage_settings(stage: str, configs: tuple) -> dict[str, Any]:
 
         return training_settings(*configs)
     (config,) = configs
+    if stage == "score":
+        from .rewards import reward_fingerprints
+
+        # A reward function edited since the folder was scored makes it stale, though its flags are the same.
+        return asdict(config) | {"reward_fingerprints": reward_fingerprints(config)}
     return asdict(config)
 
 
@@ -71,15 +76,12 @@ def stage_inputs(stage: str, configs: tuple) -> list[str]:
 
 def is_complete(stage: str, configs: tuple, output_dir: str) -> bool:
     """Whether `output_dir` holds this stage's finished output, newer than its inputs; refuses other settings."""
-    recorded = read_sidecars(output_dir).get(SIDECAR_OF[stage])
-    if recorded is None:
+    different = recorded_changes(output_dir, SIDECAR_OF[stage], stage_settings(stage, configs))
+    if different is None:
         return False
     finished = Path(output_dir, f"{SIDECAR_OF[stage]}.json").stat().st_mtime
     if any((_sidecar_time(path) or 0) > finished for path in stage_inputs(stage, configs)):
         return False
-    # Values a stage fills in itself (a solved beta) are recorded but were unset in the recipe.
-    settings = {key: value for key, value in stage_settings(stage, configs).items() if value is not None}
-    different = changed_settings(recorded, settings)
     if different:
         raise StageInputError(
             f"{output_dir} already holds a complete `{stage}` output written with other settings "

@@ -9,10 +9,12 @@ its own column.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import math
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +25,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .data import load_stage, process_state, run_in_shards
-from .errors import StageInputError
+from .data import check_output_dir, folder_stamp, load_stage, process_state, run_in_shards
+from .errors import StageInputError, check_finite
 from .modeling import default_device
+from .sources import load_model_config
 
 RewardFunction = Callable[..., list[float]]
 
@@ -69,8 +72,8 @@ class ScoreConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom reward-model code from the Hub."})
 
     def __post_init__(self):
-        if not self.reward and not self.reward_model:
-            raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
+        check_finite(self)
+        check_reward_flags(self.reward, self.reward_model)
         count = len(self.reward) + len(self.reward_model)
         if self.reward_weights is not None and len(self.reward_weights) != count:
             raise StageInputError(f"--reward_weights has {len(self.reward_weights)} values for {count} rewards")
@@ -78,11 +81,25 @@ class ScoreConfig:
             raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
 
 
-def load_reward_function(spec: str) -> RewardFunction:
-    """Import `path/to/file.py:FUNC` or `package.module:FUNC`."""
+def split_reward_spec(spec: str) -> tuple[str, str]:
+    """(file or module, function name) of `path/to/file.py:FUNC` or `package.module:FUNC`."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise StageInputError(f"--reward {spec!r}: expected path/to/file.py:FUNC or package.module:FUNC")
+    return target, name
+
+
+def check_reward_flags(reward: list[str], reward_model: list[str]) -> None:
+    """At least one reward, each --reward well formed: checked when the flags are parsed, before anything is made."""
+    if not reward and not reward_model:
+        raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
+    for spec in reward:
+        split_reward_spec(spec)
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import `path/to/file.py:FUNC` or `package.module:FUNC`."""
+    target, name = split_reward_spec(spec)
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
@@ -103,6 +120,32 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
+def code_fingerprint(spec: str) -> str | None:
+    """A hash of the source file a --reward names (the .py file, or the module's file), read without running it;
+    None when there is no such file. Shards scored by other code are not kept (what that file imports is not
+    followed)."""
+    target, _ = split_reward_spec(spec)
+    if target.endswith(".py"):
+        path = Path(target)
+    else:
+        try:
+            module_spec = importlib.util.find_spec(target)
+        except ImportError:
+            return None
+        path = Path(module_spec.origin) if module_spec is not None and module_spec.origin else None
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def reward_fingerprints(config) -> dict[str, Any]:
+    """What a scoring run's rewards are, beyond their names: each --reward's code fingerprint and each --reward_model
+    folder's last change (None for a Hub id). Part of the settings every re-run must match."""
+    return {spec: code_fingerprint(spec) for spec in config.reward} | {
+        path: folder_stamp(path) for path in config.reward_model
+    }
+
+
 class RewardModel:
     """A sequence-classification reward model scoring prompt + completion (chat-formatted when the data is chat)."""
 
@@ -119,19 +162,19 @@ class RewardModel:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.__name__ = Path(name_or_path).name
 
-    def _texts(self, prompts: list[str], completions: list[str], messages: list | None) -> list[str]:
-        if messages is not None and self.tokenizer.chat_template is not None:
-            return [
-                self.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": reply}], tokenize=False)
-                for chat, reply in zip(messages, completions, strict=True)
-            ]
-        return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    def _texts(self, prompts: list, completions: list) -> tuple[list[str], bool]:
+        """The text to score, and whether it was rendered with the chat template (which holds any BOS itself)."""
+        if not completions or isinstance(completions[0], str):
+            return [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)], False
+        chats = [list(prompt) + list(completion) for prompt, completion in zip(prompts, completions, strict=True)]
+        if self.tokenizer.chat_template is None:
+            return ["\n".join(str(turn["content"]) for turn in chat) for chat in chats], False
+        return [self.tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats], True
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str], messages=None, **kwargs) -> list[float]:
-        texts = self._texts(prompts, completions, messages)
-        # A rendered chat template already holds the BOS token; adding special tokens again would double it.
-        templated = messages is not None and self.tokenizer.chat_template is not None
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        """Scores in TRL's convention: text prompts and completions, or conversations and assistant turns."""
+        texts, templated = self._texts(prompts, completions)
         batch = self.tokenizer(
             texts, padding=True, truncation=True, add_special_tokens=not templated, return_tensors="pt"
         ).to(self.model.device)
@@ -146,16 +189,53 @@ def _reward_name(function: RewardFunction, taken: set[str]) -> str:
     return name
 
 
+def reward_inputs(batch: dict[str, list]) -> tuple[list, list, dict[str, list]]:
+    """`prompts`, `completions` and the keyword columns, as TRL's GRPOTrainer passes them to a reward function.
+
+    Chat prompts (a `messages` column) arrive in TRL's conversational format: each prompt is its list of messages and
+    each completion `[{"role": "assistant", "content": text}]`, so reward functions written for TRL that read
+    `completion[0]["content"]` work unchanged. Text prompts arrive as strings.
+    """
+    kwargs = {key: value for key, value in batch.items() if key not in ("prompt", "completion", "messages")}
+    if "messages" not in batch:
+        return batch["prompt"], batch["completion"], kwargs
+    completions = [[{"role": "assistant", "content": text}] for text in batch["completion"]]
+    return batch["messages"], completions, kwargs
+
+
 def _score_batch(function: RewardFunction, name: str, batch: dict[str, list], offset: int) -> list[float]:
-    kwargs = {key: value for key, value in batch.items() if key not in ("prompt", "completion")}
-    values = function(prompts=batch["prompt"], completions=batch["completion"], **kwargs)
-    values = list(values) if values is not None else []
-    if len(values) != len(batch["prompt"]):
+    rows = f"rows {offset}..{offset + len(batch['completion']) - 1}"
+    prompts, completions, kwargs = reward_inputs(batch)
+    try:
+        values = function(prompts=prompts, completions=completions, **kwargs)
+    except Exception as error:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
         raise StageInputError(
-            f"reward {name} returned {len(values)} values for {len(batch['prompt'])} completions (rows {offset}..); "
+            f"reward {name} raised {type(error).__name__}: {error} (at {frame.filename}:{frame.lineno}, in "
+            f"{frame.name}) while scoring {rows}. Fix the function and re-run the same command: the rows scored "
+            "before are recomputed with the new code"
+        ) from error
+    if values is None or isinstance(values, (str, bytes, int, float)) or not hasattr(values, "__len__"):
+        raise StageInputError(
+            f"reward {name} returned {type(values).__name__} {values!r:.40} for {rows}: it must return a list with "
+            "one float per completion"
+        )
+    values = list(values)
+    if len(values) != len(completions):
+        raise StageInputError(
+            f"reward {name} returned {len(values)} values for {len(completions)} completions ({rows}); "
             "it must return one float per completion"
         )
-    return [math.nan if value is None else float(value) for value in values]
+    floats = []
+    for position, value in enumerate(values):
+        try:
+            floats.append(math.nan if value is None else float(value))
+        except (TypeError, ValueError):
+            raise StageInputError(
+                f"reward {name} returned {type(value).__name__} {value!r:.40} for row {offset + position}: "
+                "rewards must be numbers (None marks an invalid one)"
+            ) from None
+    return floats
 
 
 def score_dataset(
@@ -213,18 +293,27 @@ def score(config: ScoreConfig) -> Dataset:
     """Run the scoring stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run."""
     state = process_state()
     dataset = load_stage(config.input_dir, ("prompt", "completion"), hint="Score the output of `rlfree generate`.")
+    reward_functions = [load_reward_function(spec) for spec in config.reward]
+    for path in config.reward_model:
+        load_model_config("--reward_model", path, config.trust_remote_code)
+    # The input's fingerprint ties unfinished shards to the data they scored, the rewards' to the code that scored
+    # them: a regenerated input or an edited reward function starts over.
+    settings = asdict(config) | {
+        "input_fingerprint": dataset._fingerprint,
+        "reward_fingerprints": reward_fingerprints(config),
+    }
+    check_output_dir(config.output_dir, "scoring", settings, {"--input_dir": config.input_dir})
 
     @functools.cache
     def functions() -> list[RewardFunction]:
         """Loaded on the first shard this process scores: a finished run loads no reward model."""
-        loaded: list[RewardFunction] = [load_reward_function(spec) for spec in config.reward]
-        return loaded + [RewardModel(path, config.trust_remote_code, state.device) for path in config.reward_model]
+        return reward_functions + [
+            RewardModel(path, config.trust_remote_code, state.device) for path in config.reward_model
+        ]
 
     def make_shard(rows: range) -> Dataset:
         return score_dataset(dataset.select(rows), functions(), config.reward_weights, config.batch_size, rows.start)
 
-    # The input's fingerprint ties unfinished shards to the data they scored: a regenerated input starts over.
-    settings = asdict(config) | {"input_fingerprint": dataset._fingerprint}
     return run_in_shards(
         config.output_dir,
         "scoring",
@@ -234,4 +323,5 @@ def score(config: ScoreConfig) -> Dataset:
         make_shard,
         input_dir=config.input_dir,
         finish=lambda scored: check_rewards(scored, config.drop_invalid_rewards),
+        finish_only=("drop_invalid_rewards",),
     )

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from .data import process_state, save_stage
-from .errors import StageInputError
+from .data import check_output_dir, process_state, save_stage
+from .errors import StageInputError, check_finite
 from .generation import GenerateConfig, generate
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
 from .weighting import group_max, normalize_per_group
@@ -60,6 +60,7 @@ class SampleConfig:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
 
     def __post_init__(self):
+        check_finite(self)
         if self.soft_best_of_n < 1:
             raise StageInputError(f"--soft_best_of_n must be >= 1, got {self.soft_best_of_n}")
         if not self.beta >= 0 or math.isinf(self.beta):
@@ -123,6 +124,7 @@ def pick_dataset(scored: Dataset, num_candidates: int, num_picks: int, beta: flo
 def soft_best_of_n(config: SampleConfig) -> Dataset:
     """Generate num_picks·N candidates per prompt, score them, pick; write output_dir/{candidates,scored,picked}."""
     root = Path(config.output_dir)
+    check_output_dir(root / "picked", "sampling", asdict(config), {})
     generate(
         GenerateConfig(
             model_name_or_path=config.model_name_or_path,

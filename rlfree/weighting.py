@@ -24,8 +24,8 @@ from typing import ClassVar
 import torch
 from datasets import Dataset, load_from_disk
 
-from .data import load_stage, process_state, save_stage
-from .errors import StageInputError
+from .data import check_output_dir, load_stage, process_state, save_stage
+from .errors import StageInputError, check_finite
 
 WEIGHTINGS = ("rlhf", "rlif", "rlhf+rlif")
 BETA_SCOPES = ("global", "prompt")
@@ -92,6 +92,7 @@ class WeightConfig:
     )
 
     def __post_init__(self):
+        check_finite(self)
         if self.weighting not in WEIGHTINGS:
             raise StageInputError(f"--weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         targets = [name for name in ("target_kl", "target_ess") if getattr(self, name) is not None]
@@ -531,6 +532,7 @@ def weight(config: WeightConfig) -> Dataset:
     `accelerate launch` the main process does it alone while the others wait, then all read the result.
     """
     state = process_state()
+    check_output_dir(config.output_dir, "weighting", asdict(config), {"--input_dir": config.input_dir})
     if state.is_main_process:
         hint = "rlhf weighting needs `rlfree score` output." if "rlhf" in config.weighting else ""
         dataset = load_stage(config.input_dir, config.required_columns(), hint=hint)

@@ -288,6 +288,5 @@ def test_reward_model_renders_chat_with_its_template_and_one_bos(tmp_path, rewar
             for text in rendered
         ]
     assert tokenizer(rendered[0])["input_ids"][:2] == [1, 1]  # what a doubled BOS would have looked like
-    assert RewardModel(str(path))(["1 + 2 =", "4 + 4 ="], completions, messages=messages) == pytest.approx(
-        expected, abs=1e-5
-    )
+    conversational = [[{"role": "assistant", "content": text}] for text in completions]  # as TRL passes them
+    assert RewardModel(str(path))(messages, conversational) == pytest.approx(expected, abs=1e-5)

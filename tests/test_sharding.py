@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,15 +96,21 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_result(
     assert not (tmp_path / "resumed.partial").exists()
 
 
-def test_other_settings_cannot_finish_an_unfinished_run(reference_dir, prompts_file, tmp_path, monkeypatch):
+def test_other_settings_discard_an_unfinished_run_instead_of_keeping_or_refusing_it(
+    reference_dir, prompts_file, tmp_path, monkeypatch, capsys
+):
+    """A corrected command is not trapped by its failed run's shards, and none of them survives into its output."""
     interrupt_after(monkeypatch, generation, "sample_completions", calls=1)
     with pytest.raises(KeyboardInterrupt):
         generate(generate_config(reference_dir, prompts_file, tmp_path / "out"))
     monkeypatch.undo()
-    with pytest.raises(
-        StageInputError, match=r"out.partial holds an unfinished run with other settings \(seed: 5 -> 9\)"
-    ):
-        generate(generate_config(reference_dir, prompts_file, tmp_path / "out", seed=9))
+    assert len(list((tmp_path / "out.partial").glob("shard-*"))) == 1
+    resumed = generate(generate_config(reference_dir, prompts_file, tmp_path / "out", seed=9)).to_list()
+    assert re.search(
+        r"out.partial: discarding an unfinished run's 1 shard\(s\), .*\(seed: 5 -> 9\)", capsys.readouterr().out
+    )
+    fresh = generate(generate_config(reference_dir, prompts_file, tmp_path / "fresh", seed=9)).to_list()
+    assert resumed == fresh
 
 
 def test_an_interrupted_scoring_resumes_to_the_uninterrupted_result(

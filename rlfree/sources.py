@@ -1,0 +1,95 @@
+"""Where a stage's inputs come from: local paths or Hub ids, checked before the stage creates anything.
+
+`from_pretrained` and `load_dataset` take either a local path or a Hub id, and a local path that does not exist falls
+through to the Hub: a typo then costs tens of seconds of retries and ends in a message about repo ids. Names that can
+only be local paths are checked here first, and the libraries' own errors are turned into ones that name the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import StageInputError
+
+# A Hub id is `name` or `namespace/name`.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def is_local_path(name_or_path: str, local_suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether `name_or_path` can only mean a local path: it exists, or cannot be a Hub id, or looks like a file of
+    `local_suffixes`, or its first component is a local folder (`runs/model` next to a `runs/` folder)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or not _HUB_ID.match(name_or_path) or path.suffix.lower() in local_suffixes:
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def check_local_exists(flag: str, name_or_path: str, what: str, local_suffixes: tuple[str, ...] = ()) -> bool:
+    """True for an existing local path, False for a Hub id; an error for a local path that does not exist."""
+    if not is_local_path(name_or_path, local_suffixes):
+        return False
+    if not Path(name_or_path).expanduser().exists():
+        raise StageInputError(f"{flag} {name_or_path}: no such {what} (and it is not a Hub id)")
+    return True
+
+
+def load_model_config(flag: str, name_or_path: str, trust_remote_code: bool = False):
+    """The `transformers` config of a model folder or Hub id, checked so that loading the weights later cannot fail
+    on a missing folder, a folder without weights or custom code that needs --trust_remote_code."""
+    from transformers import AutoConfig
+
+    if check_local_exists(flag, name_or_path, "model folder"):
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            raise StageInputError(f"{flag} {name_or_path}: a model is a folder (config.json and weights), not a file")
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            raise StageInputError(f"{flag} {name_or_path}: not a model folder (it has no config.json)")
+        if not (folder / "config.json").is_file():
+            # A PEFT adapter folder: the architecture (and its context length) is its base model's.
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise StageInputError(f"{flag} {name_or_path}: adapter_config.json names no base_model_name_or_path")
+            return load_model_config(f"{flag} {name_or_path} (base model)", base, trust_remote_code)
+        if not any(next(folder.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+            raise StageInputError(
+                f"{flag} {name_or_path}: the folder has a config but no weights (*.safetensors or *.bin); "
+                "was save_pretrained interrupted?"
+            )
+        if not trust_remote_code and _needs_custom_code(json.loads((folder / "config.json").read_text())):
+            raise _custom_code_error(flag, name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise StageInputError(f"{flag} {name_or_path}: {error}") from None
+        raise _custom_code_error(flag, name_or_path) from None
+    except OSError as error:
+        raise StageInputError(f"{flag} {name_or_path}: cannot load the model's config ({error})") from None
+
+
+def _needs_custom_code(config: dict) -> bool:
+    """A local config whose architecture only its own code defines (transformers would ask on a terminal, or point
+    at the Hub)."""
+    from transformers import CONFIG_MAPPING
+
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
+def _custom_code_error(flag: str, name_or_path: str) -> StageInputError:
+    return StageInputError(
+        f"{flag} {name_or_path}: the model's config.json points to custom code (auto_map) that rlfree does not run "
+        "unless asked; read that code, then pass --trust_remote_code"
+    )
+
+
+def context_length(config) -> tuple[int, str] | None:
+    """(positions, name of the config field) the model can attend over, or None when its config does not say."""
+    text_config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
