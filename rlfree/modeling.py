@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import StageInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,12 +74,7 @@ def pad_prompt_completion(
     Right padding keeps the default position ids correct, so one forward pass reads the same distribution the
     sampler saw. With `max_length`, completions are cut on the right, never the prompt.
     """
-    rows, masks = [], []
-    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-        if max_length is not None:
-            completion = completion[: max(0, max_length - len(prompt))]
-        rows.append(list(prompt) + list(completion))
-        masks.append([0] * len(prompt) + [1] * len(completion))
+    rows, masks = _join_prompt_completion(prompt_ids, completion_ids, max_length)
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,14 +86,75 @@ def pad_prompt_completion(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def flatten_prompt_completion(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """All prompt+completion sequences back to back in one row: `input_ids`, `position_ids`, `completion_mask`.
+
+    No padding and no attention mask, as transformers' `DataCollatorWithFlattening` does: `position_ids` restart at 0
+    at each sequence, and that restart is what makes transformers build a block-diagonal causal mask (sdpa, eager,
+    flex) or call flash-attention's varlen kernels, and what `completion_logprobs` sums per sequence by. Completions
+    are cut to `max_length` as in `pad_prompt_completion`.
+    """
+    rows, masks = _join_prompt_completion(prompt_ids, completion_ids, max_length)
+    if not all(rows):
+        raise ValueError("a sequence with neither prompt nor completion tokens cannot be packed")
+    return {
+        "input_ids": torch.tensor([[token for row in rows for token in row]], dtype=torch.long),
+        "position_ids": torch.tensor([[position for row in rows for position in range(len(row))]], dtype=torch.long),
+        "completion_mask": torch.tensor([[flag for mask in masks for flag in mask]], dtype=torch.long),
+    }
+
+
+def _join_prompt_completion(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], max_length: int | None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt+completion as one list of ids, and its completion mask; `max_length` cuts completions only."""
+    rows, masks = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        if max_length is not None:
+            completion = completion[: max(0, max_length - len(prompt))]
+        rows.append(list(prompt) + list(completion))
+        masks.append([0] * len(prompt) + [1] * len(completion))
+    return rows, masks
+
+
+def _scored_tokens(
+    completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Which targets `input_ids[:, 1:]` are scored, the sequence each scored one belongs to, and how many sequences.
+
+    Without `position_ids` each row is one sequence. With them, a row may pack several: a sequence starts wherever the
+    position does not step by exactly 1 (transformers' own rule for packed rows), sequences are numbered in order
+    across rows, and a sequence's first token is never scored, since the logits before it belong to the previous
+    sequence (a padded row never scores its first token either).
+    """
+    selected = completion_mask[:, 1:].bool()
+    if position_ids is None:
+        return selected, selected.nonzero()[:, 0], completion_mask.size(0)
+    position_ids = position_ids.expand_as(completion_mask)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    sequence = starts.flatten().cumsum(0).view_as(starts) - 1
+    selected = selected & ~starts[:, 1:]
+    return selected, sequence[:, 1:][selected], int(starts.sum())
+
+
 def completion_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor, processors=None
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    processors=None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sequence log-probability of each row's completion: the *sum* over its tokens, in float32.
+    """Sequence log-probability of each completion: the *sum* over its tokens, in float32.
 
     `logits` are the model's outputs for `input_ids`; the token at position t is scored by the logits at t-1.
     `processors` (transformers logits warpers: temperature, top-k, top-p) turn the model's distribution into a
-    sampler's; without them this is the model's full softmax at temperature 1.
+    sampler's; without them this is the model's full softmax at temperature 1. One value per row, or, with the
+    `position_ids` of packed rows (`flatten_prompt_completion`), one per packed sequence.
     """
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
@@ -107,6 +165,9 @@ def completion_logprobs(
             flat = processor(None, flat)
         logits = flat.view_as(logits)
     token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    if position_ids is not None:
+        selected, sequence, num_sequences = _scored_tokens(completion_mask, position_ids)
+        return token_logprobs.new_zeros(num_sequences).index_add(0, sequence, token_logprobs[selected])
     # A token the sampler could not have drawn has log p = -inf; keep it (the weighting stage rejects it) but never
     # let -inf * 0 on padding turn into NaN.
     token_logprobs = torch.where(mask.bool(), token_logprobs, torch.zeros_like(token_logprobs))
@@ -119,10 +180,11 @@ DEFAULT_LOGITS_CHUNK_SIZE = 1024
 def model_completion_logprobs(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     completion_mask: torch.Tensor,
     processor_sets: tuple = (None,),
     chunk_size: int | None = DEFAULT_LOGITS_CHUNK_SIZE,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """`completion_logprobs` for each entry of `processor_sets`, from one forward pass of `model`, in bounded memory.
 
@@ -135,13 +197,23 @@ def model_completion_logprobs(
     `chunk_size` None or 0, a model whose forward takes no `logits_to_keep`, or one whose logits our projection does not
     reproduce (a post-lm_head transform other than Gemma's `final_logit_softcapping`) use the full-logits path.
 
+    Packed rows (`flatten_prompt_completion`) come with `position_ids` and no `attention_mask`, and give one value per
+    packed sequence; on a model's first packed call, `check_packing` makes sure the model keeps the sequences apart.
+
     `model` may be wrapped (PEFT, DDP, DeepSpeed): the forward goes through the wrapper, and the decoder and output
     embeddings are found on the unwrapped model.
     """
     base = _unwrap(model)
-    if not chunk_size or getattr(base, "_rlfree_full_logits", False) or not _takes_logits_to_keep(base):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return tuple(completion_logprobs(logits, input_ids, completion_mask, p) for p in processor_sets)
+    if position_ids is None:
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    else:
+        if attention_mask is not None:
+            raise ValueError("packed rows take position_ids and no attention_mask, which would hide their boundaries")
+        check_packing(model, input_ids.device)
+        model_inputs = {"input_ids": input_ids, "position_ids": position_ids} | _without_cache(base)
+    if not chunk_size or getattr(base, "_rlfree_full_logits", False) or not _takes(base, "logits_to_keep"):
+        logits = model(**model_inputs).logits
+        return tuple(completion_logprobs(logits, input_ids, completion_mask, p, position_ids) for p in processor_sets)
     if chunk_size < 0:
         raise ValueError(f"logits_chunk_size must be a positive number of positions, or 0/None, got {chunk_size}")
 
@@ -158,7 +230,7 @@ def model_completion_logprobs(
 
     handle = base.get_decoder().register_forward_hook(keep_hidden)
     try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        outputs = model(**model_inputs, logits_to_keep=1)
     finally:
         handle.remove()
     hidden = captured["hidden"]
@@ -188,14 +260,13 @@ def model_completion_logprobs(
                 type(base).__name__,
             )
             return model_completion_logprobs(
-                model, input_ids, attention_mask, completion_mask, processor_sets, chunk_size=None
+                model, input_ids, attention_mask, completion_mask, processor_sets, None, position_ids
             )
     base._rlfree_projection_checked = True
     del outputs
 
     # Position t-1 scores token t; only completion tokens are scored.
-    selected = completion_mask[:, 1:].bool()
-    rows = selected.nonzero()[:, 0]
+    selected, sequence, num_sequences = _scored_tokens(completion_mask, position_ids)
     states = hidden[:, :-1][selected]  # [N, H]
     targets = input_ids[:, 1:][selected]  # [N]
     results = []
@@ -212,8 +283,8 @@ def model_completion_logprobs(
             else:
                 token_logprobs.append(_chunk_logprobs(project, processors, *chunk))
         values = torch.cat(token_logprobs) if token_logprobs else states.new_zeros(0, dtype=torch.float32)
-        sums = torch.zeros(input_ids.size(0), dtype=torch.float32, device=values.device)
-        results.append(sums.index_add(0, rows, values))
+        sums = torch.zeros(num_sequences, dtype=torch.float32, device=values.device)
+        results.append(sums.index_add(0, sequence, values))
     return tuple(results)
 
 
@@ -236,5 +307,58 @@ def _unwrap(model):
     return model
 
 
-def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def _takes(model, parameter: str) -> bool:
+    return parameter in inspect.signature(model.forward).parameters
+
+
+def _without_cache(model) -> dict[str, bool]:
+    """`use_cache=False` where the forward takes it: with a cache, transformers does not look for packed rows."""
+    return {"use_cache": False} if _takes(model, "use_cache") else {}
+
+
+def check_packing(model, device: torch.device) -> None:
+    """Refuse a model that would let the sequences of a packed row see each other; one verdict per model.
+
+    The restarting `position_ids` must reach the model, and its layers must keep sequences apart: transformers' mask
+    functions and flash-attention's varlen path do, but not every attention implementation or custom model, and a
+    recurrent (state-space, linear-attention) layer carries its state across the boundary. So: a short sequence
+    packed behind another must give the logits it gives alone. The scale of a leak is measured on the same sequences
+    joined without restarting positions, so the verdict holds in any dtype. Fixed token ids give every rank the
+    same verdict.
+    """
+    base = _unwrap(model)
+    if getattr(base, "_rlfree_packing_checked", False):
+        return
+    name = type(base).__name__
+    if not _takes(base, "position_ids"):
+        raise StageInputError(
+            f"{name}.forward takes no position_ids, so it cannot tell the sequences of a padding-free batch apart; "
+            "train with padded batches (drop --padding_free)"
+        )
+    length = 8
+    vocab_size = base.config.get_text_config().vocab_size
+    first = (torch.arange(length, device=device) * 7 + 3) % vocab_size
+    second = (torch.arange(length, device=device) * 13 + 5) % vocab_size
+    positions = torch.arange(length, device=device)
+    no_cache = _without_cache(base)
+
+    def logits(ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids[None], position_ids=position_ids[None], **no_cache).logits[0, -length:].float()
+
+    was_training = model.training
+    model.eval()  # no dropout, so the passes are comparable
+    try:
+        with torch.no_grad():
+            alone = logits(second, positions)
+            packed = logits(torch.cat([first, second]), torch.cat([positions, positions]))
+            joined = logits(torch.cat([first, second]), torch.arange(2 * length, device=device))
+    finally:
+        model.train(was_training)
+    error, leak = (packed - alone).abs().max(), (joined - alone).abs().max()
+    if error > 0.1 * leak:
+        raise StageInputError(
+            f"{name} (attn_implementation={base.config._attn_implementation!r}) lets the sequences of a packed row see "
+            f"each other (packed vs alone logits differ by {error:.3g}, joined by {leak:.3g}); use sdpa, "
+            "eager or flash_attention_2, or train with padded batches (drop --padding_free)"
+        )
+    base._rlfree_packing_checked = True

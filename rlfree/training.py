@@ -21,20 +21,24 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import load_stage, read_sidecars
-from .errors import StageInputError
+from .data import check_output_dir, load_stage, read_sidecars
+from .errors import DTYPES, StageInputError, check_choice, check_finite
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     default_device,
+    flatten_prompt_completion,
     load_tokenizer,
     model_completion_logprobs,
     pad_prompt_completion,
     resolve_dtype,
 )
+from .sources import load_model_config
 
 logger = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "weight")
+# Samplers of TrainingArguments.train_sampling_strategy that read each row's length from `length_column_name`.
+LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
 
 
 @dataclass
@@ -55,6 +59,10 @@ class ModelConfig:
         default=False, metadata={"help": "Save the LoRA-merged full model instead of the adapter alone."}
     )
 
+    def __post_init__(self):
+        check_finite(self)
+        check_choice("--dtype", self.dtype, DTYPES)
+
 
 @dataclass
 class RLFreeConfig(TrainingArguments):
@@ -72,6 +80,14 @@ class RLFreeConfig(TrainingArguments):
             "so fp32 logits over the vocabulary never exist for the whole batch; 0 or None = full logits."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each micro-batch into one row without padding, position ids restarting at 0 for each "
+            "sequence (as DataCollatorWithFlattening): no compute on padding. Needs attention that reads packed "
+            "position ids (sdpa, eager, flash_attention_2); checked on the first step."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "A checkpoint folder to resume from, or `last` for the newest one in --output_dir."},
@@ -81,6 +97,7 @@ class RLFreeConfig(TrainingArguments):
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy during training."})
 
     def __post_init__(self):
+        check_finite(self)
         if self.dataset_dir is None:
             raise StageInputError("--dataset_dir is required: the output folder of `rlfree weight`")
         if torch.accelerator.current_accelerator() is None:
@@ -91,20 +108,23 @@ class RLFreeConfig(TrainingArguments):
 
 
 class WeightedCollator:
-    """Right-pads prompt+completion ids and carries each sample's (rescaled) weight."""
+    """Prompt+completion ids, right-padded or packed into one row, and each sample's (rescaled) weight."""
 
-    def __init__(self, pad_token_id: int, weight_scale: float, max_length: int | None = None):
+    def __init__(
+        self, pad_token_id: int, weight_scale: float, max_length: int | None = None, padding_free: bool = False
+    ):
         self.pad_token_id = pad_token_id
         self.weight_scale = weight_scale
         self.max_length = max_length
+        self.padding_free = padding_free
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_prompt_completion(
-            [f["prompt_ids"] for f in features],
-            [f["completion_ids"] for f in features],
-            self.pad_token_id,
-            self.max_length,
-        )
+        prompt_ids = [f["prompt_ids"] for f in features]
+        completion_ids = [f["completion_ids"] for f in features]
+        if self.padding_free:
+            batch = flatten_prompt_completion(prompt_ids, completion_ids, self.max_length)
+        else:
+            batch = pad_prompt_completion(prompt_ids, completion_ids, self.pad_token_id, self.max_length)
         batch["weight"] = torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale
         return batch
 
@@ -129,11 +149,17 @@ class RLFreeTrainer(Trainer):
         total_weight = float(sum(train_dataset["weight"]))
         if not total_weight > 0:
             raise StageInputError("the weights in the training data sum to zero")
-        collator = WeightedCollator(processing_class.pad_token_id, len(train_dataset) / total_weight, args.max_length)
+        collator = WeightedCollator(
+            processing_class.pad_token_id, len(train_dataset) / total_weight, args.max_length, args.padding_free
+        )
+        columns = list(TRAIN_COLUMNS)
+        if args.train_sampling_strategy in LENGTH_SAMPLING_STRATEGIES:
+            train_dataset = with_lengths(train_dataset, args.length_column_name, args.max_length)
+            columns.append(args.length_column_name)
         super().__init__(
             model=model,
             args=args,
-            train_dataset=train_dataset.select_columns(list(TRAIN_COLUMNS)),
+            train_dataset=train_dataset.select_columns(columns),
             data_collator=collator,
             processing_class=processing_class,
             **kwargs,
@@ -145,9 +171,10 @@ class RLFreeTrainer(Trainer):
         (sequence_logprob,) = model_completion_logprobs(
             model,
             inputs["input_ids"],
-            inputs["attention_mask"],
+            inputs.get("attention_mask"),  # absent from padding-free batches
             completion_mask,
             chunk_size=self.args.logits_chunk_size,
+            position_ids=inputs.get("position_ids"),
         )
         # A constant divisor for every micro-batch of every rank; DDP's gradient mean supplies the 1/world_size.
         sequences_per_rank_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
@@ -159,7 +186,7 @@ class RLFreeTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         card = model_card(
-            self.model.config._name_or_path or "unknown",
+            self.model.config._name_or_path,
             read_sidecars(self.args.dataset_dir),
             self.args.dataset_dir,
             self.args,
@@ -167,17 +194,72 @@ class RLFreeTrainer(Trainer):
         Path(self.args.output_dir, "README.md").write_text(card)
 
 
-def model_card(base_model: str, sidecars: dict, dataset_dir: str, args: TrainingArguments) -> str:
-    """A Hub model card that records the recipe: base model, weighting, beta, N, reward and data."""
+def with_lengths(dataset: Dataset, column: str, max_length: int | None) -> Dataset:
+    """`dataset` with each row's prompt+completion length (after the --max_length cut) in `column`, for the samplers
+    that group or balance by length; a column of that name already there is taken as precomputed lengths."""
+    if column in dataset.column_names:
+        return dataset
+
+    def lengths(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, list[int]]:
+        totals = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        if max_length is not None:  # the collator cuts completions, never prompts
+            totals = [min(total, max(len(p), max_length)) for total, p in zip(totals, prompts, strict=True)]
+        return {column: totals}
+
+    return dataset.map(
+        lengths, input_columns=["prompt_ids", "completion_ids"], batched=True, desc=f"lengths into {column!r}"
+    )
+
+
+def base_model_reference(name_or_path: str) -> tuple[str | None, str]:
+    """(Hub id or None, what the card shows) for the model as it was given to `from_pretrained`.
+
+    A local folder is not a Hub id: the card shows its absolute path and leaves `base_model` out of the front matter
+    (the Hub would link it to whatever model has that name), unless the folder is a snapshot in the Hugging Face
+    cache, `.../models--ORG--NAME/snapshots/<hash>`, which is the Hub model ORG/NAME.
+    """
+    if not name_or_path:
+        return None, "unknown"
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path, name_or_path
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        hub_id = path.parent.parent.name.removeprefix("models--").replace("--", "/")
+        return hub_id, hub_id
+    return None, str(path)
+
+
+def weighting_rows(weighting: dict) -> list[tuple[str, object]]:
+    """The coefficients of the weighting used: beta for rlhf, the exponent or beta_if for rlif, both for rlhf+rlif."""
+    kind = weighting.get("weighting", "")
+    rows = [("beta", weighting.get("beta"))] if "rlhf" in kind else []
+    if "rlif" in kind:
+        if weighting.get("beta_if") is not None:
+            rows.append(("rlif beta_if", weighting["beta_if"]))
+        else:
+            rows.append(("rlif exponent", weighting.get("rlif_exponent")))
+    return rows
+
+
+def three_significant_digits(value: float) -> str:
+    """ESS is an estimate from N samples: more digits would be noise."""
+    return f"{float(f'{value:.3g}'):g}"
+
+
+def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: TrainingArguments) -> str:
+    """A Hub model card that records the recipe: base model (`name_or_path` as loaded), weighting, beta, N, reward and
+    data."""
     generation = sidecars.get("generation", {})
     scoring = sidecars.get("scoring", {})
     weighting = sidecars.get("weighting", {})
     rewards = scoring.get("reward", []) + scoring.get("reward_model", [])
+    hub_id, base_model = base_model_reference(name_or_path)
+    ess = [weighting.get("ess_min"), weighting.get("ess_median")]
     rows = [
         ("base model", base_model),
         ("weighting", weighting.get("weighting", "?")),
-        ("beta", weighting.get("beta")),
-        ("rlif exponent / beta_if", f"{weighting.get('rlif_exponent')} / {weighting.get('beta_if')}"),
+        *weighting_rows(weighting),
         ("samples per prompt (N)", generation.get("num_samples")),
         ("prompts", weighting.get("num_prompts", generation.get("num_prompts"))),
         ("prompt set", generation.get("prompts")),
@@ -187,20 +269,17 @@ def model_card(base_model: str, sidecars: dict, dataset_dir: str, args: Training
             f"top_p={generation.get('top_p')} max_new_tokens={generation.get('max_new_tokens')}",
         ),
         ("reward", ", ".join(rewards) or "none (rlif)"),
-        ("ESS min / median", f"{weighting.get('ess_min')} / {weighting.get('ess_median')}"),
+        ("ESS min / median", " / ".join("?" if value is None else three_significant_digits(value) for value in ess)),
         ("training data", dataset_dir),
         ("learning rate / epochs", f"{args.learning_rate} / {args.num_train_epochs}"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    front_matter = {
-        "base_model": base_model,
-        "library_name": "transformers",
-        "tags": ["rlfree", "weighted-mle"],
-    }
+    front_matter = {"base_model": hub_id} if hub_id else {}
+    front_matter |= {"library_name": "transformers", "tags": ["rlfree", "weighted-mle"]}
     return (
         "---\n" + "\n".join(f"{key}: {json.dumps(value)}" for key, value in front_matter.items()) + "\n---\n\n"
         f"# {Path(args.output_dir).name}\n\n"
-        f"Fine-tuned from `{base_model}` with [rlfree](https://pypi.org/project/rlfree/): weighted maximum likelihood "
+        f"Fine-tuned from `{base_model}` with rlfree: weighted maximum likelihood "
         "towards the KL-regularized optimum pi_ref(o|q) * exp(r(q,o) / beta), without reinforcement learning.\n\n"
         "| setting | value |\n| --- | --- |\n" + table + "\n\n"
         "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -235,6 +314,12 @@ def build_model(model_config: ModelConfig):
 
 def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
+    # A folder with checkpoints but no training.json is an interrupted run, resumed with --resume_from_checkpoint.
+    interrupted = any(Path(args.output_dir).expanduser().glob("checkpoint-*"))
+    inputs = {"--dataset_dir": args.dataset_dir, "--model_name_or_path": model_config.model_name_or_path}
+    settings = training_settings(model_config, args)
+    check_output_dir(args.output_dir, "training", settings, inputs, allow_unfinished=interrupted)
+    load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
     dataset = load_stage(
         args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.", flag="--dataset_dir"
     )
@@ -286,6 +371,7 @@ def training_settings(model_config: ModelConfig, args: RLFreeConfig) -> dict:
         "max_steps",
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
+        "train_sampling_strategy",
         "seed",
     )
     return asdict(model_config) | {name: getattr(args, name) for name in names}

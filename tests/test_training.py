@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from rlfree import toy
-from rlfree.training import ModelConfig, RLFreeConfig, RLFreeTrainer, train
+from rlfree.training import ModelConfig, RLFreeConfig, RLFreeTrainer, model_card, train
 
 ROWS = [
     # prompt "1 + 2 =", completions of different lengths so a per-token mean would differ from the sum
@@ -116,8 +116,9 @@ def test_checkpoint_is_sft_style_with_model_card(reference_dir, tmp_path):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     for fact in ("| weighting | rlhf |", "| beta | 0.37 |", "| samples per prompt (N) | 3 |", "exact_match",
-                 "my-prompts.jsonl", f"base_model: \"{reference_dir}\""):  # fmt: skip
+                 "my-prompts.jsonl", f"| base model | {reference_dir.resolve()} |"):  # fmt: skip
         assert fact in card, fact
+    assert "base_model:" not in card  # a local folder is no Hub id
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     reference = AutoModelForCausalLM.from_pretrained(reference_dir)
     assert not torch.equal(reloaded.lm_head.weight, reference.lm_head.weight)
@@ -184,3 +185,55 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(refer
 def test_resume_last_without_a_checkpoint_starts_from_step_zero(reference_dir, tmp_path):
     args = _args(tmp_path, _weighted_dir(tmp_path, ROWS), max_steps=1, resume_from_checkpoint="last")
     assert train(ModelConfig(model_name_or_path=str(reference_dir)), args).state.global_step == 1
+
+
+def _card(tmp_path, name_or_path, weighting=None):
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    return model_card(name_or_path, {"weighting": weighting or {"weighting": "rlhf", "beta": 0.1}}, "data", args)
+
+
+def test_model_card_names_a_hub_id_but_not_a_local_folder(tmp_path, monkeypatch):
+    card = _card(tmp_path, "my-org/my-model")
+    assert 'base_model: "my-org/my-model"' in card and "| base model | my-org/my-model |" in card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-org" / "local-model").mkdir(parents=True)
+    card = _card(tmp_path, "my-org/local-model")  # as typed: relative, and shaped like a Hub id
+    assert "base_model:" not in card
+    assert f"| base model | {tmp_path.resolve() / 'my-org' / 'local-model'} |" in card
+
+    snapshot = tmp_path / "hub" / "models--my-org--cached-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    card = _card(tmp_path, str(snapshot))
+    assert 'base_model: "my-org/cached-model"' in card and "| base model | my-org/cached-model |" in card
+
+
+UNSET = {"beta": None, "rlif_exponent": None, "beta_if": None}  # `weighting.json` records every setting
+
+
+@pytest.mark.parametrize(
+    ("weighting", "shown", "hidden"),
+    [
+        (UNSET | {"weighting": "rlhf", "beta": 0.37}, ["| beta | 0.37 |"], ["| rlif exponent |", "| rlif beta_if |"]),
+        (UNSET | {"weighting": "rlif", "rlif_exponent": 0.5}, ["| rlif exponent | 0.5 |"], ["| beta |", "beta_if"]),
+        (UNSET | {"weighting": "rlif", "beta_if": 0.2}, ["| rlif beta_if | 0.2 |"], ["| beta |", "exponent"]),
+        (
+            UNSET | {"weighting": "rlhf+rlif", "beta": 0.37, "rlif_exponent": 0.5},
+            ["| beta | 0.37 |", "| rlif exponent | 0.5 |"],
+            ["beta_if"],
+        ),
+    ],
+)
+def test_model_card_shows_only_the_coefficients_of_the_weighting_used(tmp_path, weighting, shown, hidden):
+    card = _card(tmp_path, "my-org/my-model", weighting)
+    for row in shown:
+        assert row in card, row
+    for text in hidden:
+        assert text not in card, text
+
+
+def test_model_card_rounds_ess_and_names_rlfree_without_a_registry_link(tmp_path):
+    weighting = {"weighting": "rlhf", "beta": 0.1, "ess_min": 1.2345678901, "ess_median": 12345.678}
+    card = _card(tmp_path, "my-org/my-model", weighting)
+    assert "| ESS min / median | 1.23 / 12300 |" in card
+    assert "pypi" not in card and "with rlfree:" in card
