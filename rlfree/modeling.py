@@ -211,7 +211,7 @@ def model_completion_logprobs(
             raise ValueError("packed rows take position_ids and no attention_mask, which would hide their boundaries")
         check_packing(model, input_ids.device)
         model_inputs = {"input_ids": input_ids, "position_ids": position_ids} | _without_cache(base)
-    if not chunk_size or getattr(base, "_rlfree_full_logits", False) or not _takes(base, "logits_to_keep"):
+    if not chunk_size or _needs_full_logits(model, base) or not _takes(base, "logits_to_keep"):
         logits = model(**model_inputs).logits
         return tuple(completion_logprobs(logits, input_ids, completion_mask, p, position_ids) for p in processor_sets)
     if chunk_size < 0:
@@ -293,6 +293,24 @@ def _chunk_logprobs(project, processors, states: torch.Tensor, targets: torch.Te
     for processor in processors or ():
         logits = processor(None, logits)
     return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _needs_full_logits(model, base) -> bool:
+    """Whether the chunked lm_head cannot serve this model: decided once per model, with a warning.
+
+    It runs after the model's forward, on the output embeddings; FSDP frees a unit's gathered parameters once that
+    unit's forward ends, so under FSDP the projection would read freed weights (seen on an H100 with
+    launch/fsdp2.yaml: an illegal memory access in the second step). FSDP therefore uses the full-logits path.
+    """
+    if getattr(base, "_rlfree_full_logits", False):
+        return True
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, (FSDPModule, FullyShardedDataParallel)) or isinstance(base, FSDPModule):
+        base._rlfree_full_logits = True
+        logger.warning("%s is sharded by FSDP: using full logits (no chunked lm_head)", type(base).__name__)
+        return True
+    return False
 
 
 def _unwrap(model):

@@ -171,3 +171,26 @@ def test_trainer_steps_are_the_same_with_and_without_chunks(tmp_path):
     untouched = torch.cat([p.flatten() for p in _model(vocab_size=len(toy.build_tokenizer())).parameters()])
     assert (full - untouched).abs().max() > 1e-3
     torch.testing.assert_close(chunked, full, atol=2e-6, rtol=0)
+
+
+def test_fsdp_sharded_models_use_full_logits(monkeypatch):
+    """FSDP frees gathered weights after the forward, so the chunked lm_head must not run on an FSDP-sharded model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model, _ = toy.build_reference_model(seed=0)
+        fully_shard(model)
+        input_ids = torch.tensor([[2, 12, 3, 13, 4, 0]])
+        completion_mask = torch.tensor([[0, 0, 0, 0, 1, 1]])
+        (sharded,) = model_completion_logprobs(model, input_ids, torch.ones_like(input_ids), completion_mask)
+        assert model._rlfree_full_logits and sharded.grad_fn.name() == "SumBackward1"  # the full-logits path
+        (full,) = model_completion_logprobs(
+            model, input_ids, torch.ones_like(input_ids), completion_mask, chunk_size=0
+        )
+        torch.testing.assert_close(sharded, full)
+    finally:
+        dist.destroy_process_group()
