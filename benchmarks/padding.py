@@ -15,7 +15,7 @@ the memory figure is `torch.cuda.max_memory_allocated` during the epoch (minus w
 is the child's peak resident set (`getrusage` ru_maxrss) minus its resident set just before, as in memory.py.
 Ratios are against the padded run of the same invocation.
 
-    python benchmarks/padding.py                  # 4 minutes on 2 CPU cores shared with other work, less when idle
+    python benchmarks/padding.py                  # about 1.5 minutes on 2 idle CPU cores (4 when shared)
     python benchmarks/padding.py --num_sequences 128 --num_layers 4 --attn_implementation eager
 
 group_by_length sorts rows by length within mega-batches of min(sequences // (4 * batch), 50) micro-batches

@@ -149,15 +149,16 @@ def recorded_changes(directory: str | os.PathLike, stage: str, settings: dict[st
 def check_output_dir(
     output_dir: str | os.PathLike,
     stage: str,
-    settings: dict[str, Any],
+    flags: dict[str, Any],
     inputs: dict[str, str | None],
     allow_unfinished: bool = False,
 ) -> None:
     """Refuse, before anything is created, an --output_dir that writing this stage would destroy or cannot make.
 
     A stage replaces its whole output folder, so the folder must be new, empty, or this stage's own output written
-    with the same settings; an existing file, one of the stage's `inputs` ({flag: path}), a folder of something else
-    and a complete output written with other settings are refused, naming the fix. `allow_unfinished` accepts a
+    with the same `flags`; an existing file, one of the stage's `inputs` ({flag: path}), a folder of something else
+    and a complete output written with other flags are refused, naming the fix. Only what the user typed is compared:
+    the same command run again after an input or a reward function changed recomputes the output, as it should. `allow_unfinished` accepts a
     non-empty folder with no sidecar yet (`train` resumes from the checkpoints of an interrupted run there).
     """
     output = Path(output_dir).expanduser()
@@ -181,7 +182,7 @@ def check_output_dir(
             raise StageInputError(
                 f"--output_dir {output_dir} holds the output of another stage ({own}); give a new or empty folder"
             )
-        different = recorded_changes(output, stage, settings)
+        different = recorded_changes(output, stage, flags)
         if different:
             raise StageInputError(
                 f"--output_dir {output_dir} already holds a complete `{stage}` output written with other settings "

@@ -16,6 +16,7 @@ import torch
 from datasets import load_from_disk
 
 from . import toy
+from .errors import check_finite
 from .generation import GenerateConfig, generate
 from .modeling import load_causal_lm
 from .rewards import ScoreConfig, score
@@ -40,10 +41,16 @@ class DemoConfig:
         default=1.0,
         metadata={"help": "Sampling temperature of the generate stage; != 1 is corrected for in the weights."},
     )
-    num_train_epochs: float = field(default=4, metadata={"help": "Epochs of weighted MLE."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of weighted MLE."})
+    # 8 epochs at 1e-3, not 4 at 2e-3: the shorter, steeper schedule ended wherever its trajectory happened to go,
+    # so a rounding difference (thread count, CPU kernels, torch version) or another shuffling seed moved the
+    # demo's KL(pi* || trained) between 1.8% and 5.3% of pi_ref's; this one stays within 1.7-1.9% (README, demo).
+    num_train_epochs: float = field(default=8, metadata={"help": "Epochs of weighted MLE."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of weighted MLE."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Sequences per optimizer step."})
     seed: int = field(default=0, metadata={"help": "Seed of the reference model, the prompts and the sampler."})
+
+    def __post_init__(self):
+        check_finite(self)
 
 
 def exact_report(logprobs: torch.Tensor, reference: dict) -> dict[str, float]:

@@ -392,7 +392,7 @@ def generate(config: GenerateConfig) -> Dataset:
         stamps["ref_model_stamp"] = folder_stamp(config.ref_model)
     settings = asdict(config) | {"num_prompts": len(texts)} | stamps
     inputs = {"--model_name_or_path": config.model_name_or_path, "--ref_model": config.ref_model}
-    check_output_dir(config.output_dir, "generation", settings, inputs | {"--prompts": config.prompts})
+    check_output_dir(config.output_dir, "generation", asdict(config), inputs | {"--prompts": config.prompts})
     if state.is_main_process and len(sampled) < len(texts):
         print(f"--long_prompts skip: left out {len(texts) - len(sampled)} prompt(s) too long for the context")
     if state.is_main_process and cut:

@@ -15,11 +15,12 @@ Round k's folders are the recipe's with `_round{k}` appended.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import describe_changes, process_state, recorded_changes
+from .data import describe_changes, process_state, read_sidecars, recorded_changes
 from .errors import StageInputError
 
 STAGES = ("generate", "score", "weight", "train")
@@ -52,11 +53,6 @@ def stage_settings(stage: str, configs: tuple) -> dict[str, Any]:
 
         return training_settings(*configs)
     (config,) = configs
-    if stage == "score":
-        from .rewards import reward_fingerprints
-
-        # A reward function edited since the folder was scored makes it stale, though its flags are the same.
-        return asdict(config) | {"reward_fingerprints": reward_fingerprints(config)}
     return asdict(config)
 
 
@@ -82,6 +78,13 @@ def is_complete(stage: str, configs: tuple, output_dir: str) -> bool:
     finished = Path(output_dir, f"{SIDECAR_OF[stage]}.json").stat().st_mtime
     if any((_sidecar_time(path) or 0) > finished for path in stage_inputs(stage, configs)):
         return False
+    if stage == "score":
+        from .rewards import reward_fingerprints
+
+        # A reward function edited since the folder was scored makes it stale, though its flags are the same.
+        recorded = read_sidecars(output_dir)["scoring"].get("reward_fingerprints")
+        if recorded != json.loads(json.dumps(reward_fingerprints(configs[0]))):
+            return False
     if different:
         raise StageInputError(
             f"{output_dir} already holds a complete `{stage}` output written with other settings "

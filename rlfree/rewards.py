@@ -302,7 +302,7 @@ def score(config: ScoreConfig) -> Dataset:
         "input_fingerprint": dataset._fingerprint,
         "reward_fingerprints": reward_fingerprints(config),
     }
-    check_output_dir(config.output_dir, "scoring", settings, {"--input_dir": config.input_dir})
+    check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
 
     @functools.cache
     def functions() -> list[RewardFunction]:

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import check_output_dir, load_stage, read_sidecars
+from .data import changed_settings, check_output_dir, describe_changes, load_stage, read_sidecars
 from .errors import DTYPES, StageInputError, check_choice, check_finite
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "weight")
 # Samplers of TrainingArguments.train_sampling_strategy that read each row's length from `length_column_name`.
 LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
+# Written into --output_dir when a run starts and removed when training.json marks it finished.
+IN_PROGRESS = ".rlfree-training-in-progress.json"
 
 
 @dataclass
@@ -314,11 +316,20 @@ def build_model(model_config: ModelConfig):
 
 def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
-    # A folder with checkpoints but no training.json is an interrupted run, resumed with --resume_from_checkpoint.
-    interrupted = any(Path(args.output_dir).expanduser().glob("checkpoint-*"))
-    inputs = {"--dataset_dir": args.dataset_dir, "--model_name_or_path": model_config.model_name_or_path}
+    output = Path(args.output_dir).expanduser()
     settings = training_settings(model_config, args)
+    # A folder an interrupted run left (its in-progress marker, or its checkpoints) is this stage's own: the run
+    # starts again there, or resumes from a checkpoint with --resume_from_checkpoint.
+    interrupted = (output / IN_PROGRESS).is_file() or any(output.glob("checkpoint-*"))
+    inputs = {"--dataset_dir": args.dataset_dir, "--model_name_or_path": model_config.model_name_or_path}
     check_output_dir(args.output_dir, "training", settings, inputs, allow_unfinished=interrupted)
+    if args.resume_from_checkpoint is not None and (output / IN_PROGRESS).is_file():
+        different = changed_settings(json.loads((output / IN_PROGRESS).read_text()), settings)
+        if different:
+            raise StageInputError(
+                f"--resume_from_checkpoint: the checkpoints in {output} come from a run with other settings "
+                f"({describe_changes(different)}); resume with those settings, or train into a new --output_dir"
+            )
     load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
     dataset = load_stage(
         args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.", flag="--dataset_dir"
@@ -336,6 +347,8 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     finished_marker = Path(args.output_dir, "training.json")
     if trainer.is_world_process_zero():
         finished_marker.unlink(missing_ok=True)  # an earlier run's marker must not vouch for this run's files
+        output.mkdir(parents=True, exist_ok=True)
+        (output / IN_PROGRESS).write_text(json.dumps(settings, indent=2, default=str) + "\n")
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
     if model_config.use_peft and model_config.merge_lora:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -347,8 +360,8 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     trainer.create_model_card()
     if trainer.is_world_process_zero():
         # Written last: a model folder holding training.json is complete (`rlfree run` skips it on a re-run).
-        settings = json.dumps(training_settings(model_config, args), indent=2, default=str)
-        finished_marker.write_text(settings + "\n")
+        finished_marker.write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        (output / IN_PROGRESS).unlink()
     return trainer
 
 

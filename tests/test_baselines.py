@@ -45,7 +45,7 @@ def test_rloo_trains_from_the_reference_with_the_given_beta(reference_dir, promp
 def test_without_trl_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` raise ImportError
     monkeypatch.delitem(sys.modules, "rlfree.baselines", raising=False)
-    with pytest.raises(StageInputError, match=r"pip install 'rlfree\[baselines\]'"):
+    with pytest.raises(StageInputError, match=r"pip install -e '\.\[baselines\]'"):
         command_types("baseline")
     # Other commands still read recipes whose top-level keys only the baseline knows.
     (config,) = parse_command(

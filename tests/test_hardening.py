@@ -427,3 +427,25 @@ def test_sampling_from_pi_ref_reads_its_log_softmax_once(reference_dir, prompts_
     )
     assert processor_sets and all(len(sets) == 1 for sets in processor_sets)
     assert rows["ref_logprob"] == rows["proposal_logprob"]
+
+
+def test_checkpoints_of_a_run_with_other_settings_are_not_resumed(reference_dir, scored, tmp_path, capsys):
+    from rlfree.training import IN_PROGRESS
+
+    out = tmp_path / "model"
+    argv = ["train", "--model_name_or_path", reference_dir, "--dataset_dir", scored, "--output_dir", out]
+    out.mkdir()
+    (out / "checkpoint-2").mkdir()
+    (out / IN_PROGRESS).write_text(json.dumps({"learning_rate": 0.1}))  # what an interrupted run left
+    code, err = run_cli([*argv, "--resume_from_checkpoint", "last"], capsys)
+    assert code == 2 and "come from a run with other settings (" in err and "learning_rate: 0.1 -> 5e-05" in err
+
+
+def test_the_same_command_after_a_reward_fix_rescores_a_complete_folder(generated, tmp_path, capsys):
+    """Only the flags decide whether a complete folder may be replaced: after an edit, the same command rescores it."""
+    spec = write_reward(tmp_path / "r.py", "    return [1.0] * len(completions)")
+    argv = ["score", "--input_dir", generated, "--reward", spec, "--output_dir", tmp_path / "scored"]
+    assert run_cli(argv, capsys)[0] == 0
+    write_reward(tmp_path / "r.py", "    return [3.0] * len(completions)")
+    assert run_cli(argv, capsys)[0] == 0
+    assert set(load_from_disk(str(tmp_path / "scored"))["reward"]) == {3.0}

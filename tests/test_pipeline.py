@@ -14,6 +14,7 @@ from rlfree import toy
 from rlfree.cli import main
 from rlfree.data import StageInputError
 from rlfree.pipeline import RunConfig, run_recipe
+from rlfree.training import IN_PROGRESS
 
 STAGE_FOLDERS = ("generated", "scored", "weighted", "model")
 
@@ -95,14 +96,15 @@ def test_a_rerun_skips_every_finished_stage(two_rounds, tmp_path, capsys):
 
 
 def test_a_killed_training_is_redone_and_so_is_everything_after_it(two_rounds, tmp_path, capsys):
-    (tmp_path / "out/model/training.json").unlink()  # as if killed before training finished
+    # As if killed before training finished: the in-progress marker a run writes first is still there.
+    (tmp_path / "out/model/training.json").rename(tmp_path / "out/model" / IN_PROGRESS)
     capsys.readouterr()
     run_recipe(two_rounds, RunConfig(rounds=2))
     out = capsys.readouterr().out
     assert out.count("is complete: skipped") == 3  # round 1's generate, score and weight
     for stage in ("train", "generate", "score", "weight"):
         assert f"round {1 if stage == 'train' else 2}/2 {stage}] -> " in out
-    assert (tmp_path / "out/model/training.json").is_file()
+    assert (tmp_path / "out/model/training.json").is_file() and not (tmp_path / "out/model" / IN_PROGRESS).exists()
 
 
 def test_a_stage_rerun_by_hand_makes_the_later_stages_stale(two_rounds, tmp_path, capsys):
@@ -140,3 +142,22 @@ def test_run_needs_a_recipe_with_the_core_sections(tmp_path, capsys):
         run_recipe(str(tmp_path / "recipe.yaml"), RunConfig())
     with pytest.raises(StageInputError, match=r"rounds must be >= 1"):
         RunConfig(rounds=0)
+
+
+def test_an_edited_reward_function_makes_the_scores_stale(reference_dir, prompts_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe_path = write_recipe(tmp_path, reference_dir, prompts_file)
+    recipe = json.loads((tmp_path / "recipe.yaml").read_text())
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text("def reward(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    recipe["score"]["reward"] = f"{reward_file}:reward"
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    run_recipe(recipe_path, RunConfig(rounds=1))
+    reward_file.write_text("def reward(prompts, completions, **kwargs):\n    return [2.0] * len(completions)\n")
+    capsys.readouterr()
+    run_recipe(recipe_path, RunConfig(rounds=1))
+    out = capsys.readouterr().out
+    assert "[round 1/1 generate] out/generated is complete: skipped" in out
+    for stage, folder in (("score", "scored"), ("weight", "weighted"), ("train", "model")):
+        assert f"[round 1/1 {stage}] -> out/{folder}" in out
+    assert set(load_from_disk("out/scored")["reward"]) == {2.0}
