@@ -18,29 +18,16 @@ resident set just before the step, so model weights, inputs and the torch runtim
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
-import time
 
+import measure
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlfree.modeling import completion_logprobs, model_completion_logprobs
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _run(variant: str, args: argparse.Namespace, queue) -> None:
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config).to(device).train()
+    device = measure.device()
+    model = measure.random_llama(args.vocab_size, args.hidden_size, args.num_layers)
     width = args.prompt_length + args.completion_length
     input_ids = torch.randint(0, args.vocab_size, (args.batch_size, width), device=device)
     attention_mask = torch.ones_like(input_ids)
@@ -63,20 +50,8 @@ def _run(variant: str, args: argparse.Namespace, queue) -> None:
         loss.backward()
         return loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        before = _rss_mib()
-    start = time.perf_counter()
-    loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    queue.put({"peak_mib": peak - before, "seconds": time.perf_counter() - start, "loss": loss})
+    loss, seconds, peak_mib = measure.measured(step)
+    queue.put({"peak_mib": peak_mib, "seconds": seconds, "loss": loss})
 
 
 def main() -> None:
@@ -91,28 +66,21 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["full", "chunked", "hf"], choices=["full", "chunked", "hf"])
     args = parser.parse_args()
 
-    how = (
-        "torch.cuda.max_memory_allocated during the step"
-        if torch.cuda.is_available()
-        else "CPU: peak resident set (getrusage ru_maxrss) minus resident set before the step"
-    )
     print(
         f"vocab {args.vocab_size}, hidden {args.hidden_size}, {args.num_layers} layers, batch {args.batch_size} x "
         f"({args.prompt_length} prompt + {args.completion_length} completion) tokens, chunk {args.chunk_size}; "
         f"fp32 logits of the whole batch = "
         f"{args.batch_size * (args.prompt_length + args.completion_length) * args.vocab_size * 4 / 2**20:.0f} MiB"
     )
-    print(f"memory: {how}; torch threads {torch.get_num_threads()}")
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for variant in args.variants:
-        queue = context.Queue()
-        child = context.Process(target=_run, args=(variant, args, queue))
-        child.start()
-        results[variant] = queue.get()
-        child.join()
-        r = results[variant]
-        print(f"{variant:>8}: peak {r['peak_mib']:8.0f} MiB   time {r['seconds']:7.2f} s   loss {r['loss']:.6g}")
+    print(f"memory: {measure.memory_method('the step')}; torch threads {torch.get_num_threads()}")
+    results = measure.run_in_children(
+        _run,
+        args.variants,
+        args,
+        lambda variant, r: print(
+            f"{variant:>8}: peak {r['peak_mib']:8.0f} MiB   time {r['seconds']:7.2f} s   loss {r['loss']:.6g}"
+        ),
+    )
     if "full" in results and "chunked" in results:
         full, chunked = results["full"], results["chunked"]
         print(

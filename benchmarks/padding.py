@@ -29,15 +29,12 @@ flash_attention_2 runs packed rows with varlen kernels and saves both.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import random
-import resource
 import tempfile
-import time
 
+import measure
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlfree import toy
 from rlfree.training import RLFreeConfig, RLFreeTrainer
@@ -47,11 +44,6 @@ VARIANTS = {
     "group_by_length": {"train_sampling_strategy": "group_by_length"},
     "padding_free": {"padding_free": True},
 }
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
@@ -71,13 +63,10 @@ def _rows(args: argparse.Namespace) -> list[dict]:
 
 
 def _run(variant: str, args: argparse.Namespace, queue) -> None:
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation).to(device).train()
+    device = measure.device()
+    model = measure.random_llama(
+        args.vocab_size, args.hidden_size, args.num_layers, attn_implementation=args.attn_implementation
+    )
     dataset = Dataset.from_list(_rows(args))
     with tempfile.TemporaryDirectory() as work:
         dataset.save_to_disk(f"{work}/weighted")
@@ -99,29 +88,26 @@ def _run(variant: str, args: argparse.Namespace, queue) -> None:
     # Warm-up on the two shortest rows: first-call costs (allocator, checks of the model) stay out of the figures.
     shortest = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["completion_ids"]))[:2]
     step(trainer.data_collator([dataset[i] for i in shortest]))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        before = _rss_mib()
-    start = time.perf_counter()
-    loss_sum = sum(step(batch) for batch in batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    loss_sum, seconds, peak_mib = measure.measured(lambda: sum(step(batch) for batch in batches))
     queue.put(
         {
-            "seconds": time.perf_counter() - start,
-            "peak_mib": peak - before,
+            "seconds": seconds,
+            "peak_mib": peak_mib,
             "steps": len(batches),
             "completion_tokens": sum(int(batch["completion_mask"][:, 1:].sum()) for batch in batches),
             "batch_tokens": sum(batch["input_ids"].numel() for batch in batches),
             "real_tokens": sum(len(row["prompt_ids"]) + len(row["completion_ids"]) for row in dataset),
             "loss_sum": loss_sum,
         }
+    )
+
+
+def _report(variant: str, r: dict) -> None:
+    padding = 1 - r["real_tokens"] / r["batch_tokens"]
+    print(
+        f"{variant:>16}: {r['steps']} steps, {r['completion_tokens']} completion tokens, padding {padding:6.1%}, "
+        f"time {r['seconds']:6.1f} s, {r['completion_tokens'] / r['seconds']:7.0f} completion tokens/s, "
+        f"peak {r['peak_mib']:6.0f} MiB, loss sum {r['loss_sum']:.6g}"
     )
 
 
@@ -140,32 +126,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
 
-    how = (
-        "torch.cuda.max_memory_allocated during the epoch"
-        if torch.cuda.is_available()
-        else "CPU: peak resident set (getrusage ru_maxrss) minus resident set before the epoch"
-    )
     print(
         f"Llama: vocab {args.vocab_size}, hidden {args.hidden_size}, {args.num_layers} layers, "
-        f"{args.attn_implementation}, fp32 on {'CUDA' if torch.cuda.is_available() else 'CPU'}; "
+        f"{args.attn_implementation}, fp32 on {measure.device().type}; "
         f"{args.num_sequences} sequences (prompts 16-64, completions {args.min_completion_length}-"
         f"{args.max_completion_length} tokens), micro-batches of {args.batch_size}, one epoch"
     )
-    print(f"memory: {how}; torch threads {torch.get_num_threads()}")
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for variant in args.variants:
-        queue = context.Queue()
-        child = context.Process(target=_run, args=(variant, args, queue))
-        child.start()
-        results[variant] = r = queue.get()
-        child.join()
-        padding = 1 - r["real_tokens"] / r["batch_tokens"]
-        print(
-            f"{variant:>16}: {r['steps']} steps, {r['completion_tokens']} completion tokens, padding {padding:6.1%}, "
-            f"time {r['seconds']:6.1f} s, {r['completion_tokens'] / r['seconds']:7.0f} completion tokens/s, "
-            f"peak {r['peak_mib']:6.0f} MiB, loss sum {r['loss_sum']:.6g}"
-        )
+    print(f"memory: {measure.memory_method('the epoch')}; torch threads {torch.get_num_threads()}")
+    results = measure.run_in_children(_run, args.variants, args, _report)
     if "padded" in results:
         padded = results["padded"]
         for variant, r in results.items():
