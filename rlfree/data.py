@@ -158,8 +158,8 @@ def check_output_dir(
     A stage replaces its whole output folder, so the folder must be new, empty, or this stage's own output written
     with the same `flags`; an existing file, one of the stage's `inputs` ({flag: path}), a folder of something else
     and a complete output written with other flags are refused, naming the fix. Only what the user typed is compared:
-    the same command run again after an input or a reward function changed recomputes the output, as it should. `allow_unfinished` accepts a
-    non-empty folder with no sidecar yet (`train` resumes from the checkpoints of an interrupted run there).
+    the same command run again after an input or a reward function changed recomputes the output, as it should.
+    `allow_unfinished` accepts a non-empty folder with no sidecar yet (an interrupted `train` left it).
     """
     output = Path(output_dir).expanduser()
     if output.exists() and not output.is_dir():
