@@ -182,15 +182,11 @@ def test_fsdp_sharded_models_use_full_logits(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29541")
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        model, _ = toy.build_reference_model(seed=0)
+        model = _model()  # a random model: only which path runs, and its values, matter here
         fully_shard(model)
-        input_ids = torch.tensor([[2, 12, 3, 13, 4, 0]])
-        completion_mask = torch.tensor([[0, 0, 0, 0, 1, 1]])
-        (sharded,) = model_completion_logprobs(model, input_ids, torch.ones_like(input_ids), completion_mask)
+        batch = _batch()
+        (sharded,) = _chunked(model, batch, chunk_size=3)
         assert model._rlfree_full_logits and sharded.grad_fn.name() == "SumBackward1"  # the full-logits path
-        (full,) = model_completion_logprobs(
-            model, input_ids, torch.ones_like(input_ids), completion_mask, chunk_size=0
-        )
-        torch.testing.assert_close(sharded, full)
+        torch.testing.assert_close(sharded, _full(model, batch))
     finally:
         dist.destroy_process_group()
