@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from .data import process_state
 from .errors import StageInputError, check_finite
-from .generation import GenerateConfig, generate
+from .generation import GenerateConfig, generate, long_prompts_field
 from .inspection import PromptGroups, format_number, format_table, read_columns, save_plot
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
 from .weighting import format_rows
@@ -55,6 +55,7 @@ class EvaluateConfig:
     batch_size: int = field(default=64, metadata={"help": "Sequences generated or scored per batch."})
     seed: int = field(default=42, metadata={"help": "Seed of the sampler and of the bootstrap."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    long_prompts: str = long_prompts_field()
     confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
 
@@ -88,6 +89,7 @@ class ABConfig:
     batch_size: int = field(default=64, metadata={"help": "Sequences generated or scored per batch."})
     seed: int = field(default=42, metadata={"help": "Seed of A's sampler (B uses seed + 1) and of the bootstrap."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    long_prompts: str = long_prompts_field()
     num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
     confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
 
@@ -202,6 +204,7 @@ def sample_and_score(config: EvaluateConfig) -> Dataset:
             batch_size=config.batch_size,
             seed=config.seed,
             dtype=config.dtype,
+            long_prompts=config.long_prompts,
         )
     )
     return score(

@@ -13,6 +13,7 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -40,6 +41,18 @@ from .modeling import (
 from .sources import context_length, load_model_config
 
 LONG_PROMPTS = ("error", "skip", "truncate")
+
+
+def long_prompts_field() -> Any:
+    """The `--long_prompts` flag, the same in every command that samples."""
+    return field(
+        default="error",
+        metadata={
+            "help": "A prompt that leaves the model's context no room for --max_new_tokens: stop with an error "
+            "naming it (error), leave it out (skip), or keep its last tokens (truncate).",
+            "choices": LONG_PROMPTS,
+        },
+    )
 
 
 @dataclass
@@ -82,14 +95,7 @@ class GenerateConfig:
         default=64,
         metadata={"help": "Prompts per shard: the unit written at once, split across processes and resumed."},
     )
-    long_prompts: str = field(
-        default="error",
-        metadata={
-            "help": "A prompt that leaves the model's context no room for --max_new_tokens: stop with an error "
-            "naming it (error), leave it out (skip), or keep its last tokens (truncate).",
-            "choices": LONG_PROMPTS,
-        },
-    )
+    long_prompts: str = long_prompts_field()
     prompts_split: str = field(default="train", metadata={"help": "Split to read when --prompts is a Hub dataset."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})

@@ -21,7 +21,7 @@ from datasets import Dataset
 
 from .data import check_output_dir, process_state, save_stage
 from .errors import StageInputError, check_finite
-from .generation import GenerateConfig, generate
+from .generation import GenerateConfig, generate, long_prompts_field
 from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
 from .weighting import group_max, normalize_per_group
 
@@ -58,6 +58,7 @@ class SampleConfig:
     batch_size: int = field(default=64, metadata={"help": "Sequences generated (and completions scored) per batch."})
     seed: int = field(default=42, metadata={"help": "Random seed of the sampler and of the picks."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    long_prompts: str = long_prompts_field()
 
     def __post_init__(self):
         check_finite(self)
@@ -108,7 +109,8 @@ def pick_dataset(scored: Dataset, num_candidates: int, num_picks: int, beta: flo
     Rows with sample_index in [k·N, (k+1)·N) of a prompt are the candidates of its pick k.
     """
     pick_number = torch.tensor(scored["sample_index"]) // num_candidates
-    group = torch.tensor(scored["prompt_index"]) * num_picks + pick_number
+    # Groups numbered 0..G-1 in order: prompts left out (--long_prompts skip) leave gaps in prompt_index.
+    group = torch.unique(torch.tensor(scored["prompt_index"]) * num_picks + pick_number, return_inverse=True)[1]
     reward = torch.tensor(scored["reward"], dtype=torch.float64)
     correction = torch.tensor(scored["ref_logprob"], dtype=torch.float64) - torch.tensor(
         scored["proposal_logprob"], dtype=torch.float64
@@ -138,6 +140,7 @@ def soft_best_of_n(config: SampleConfig) -> Dataset:
             batch_size=config.batch_size,
             seed=config.seed,
             dtype=config.dtype,
+            long_prompts=config.long_prompts,
         )
     )
     scored = score(

@@ -449,3 +449,24 @@ def test_the_same_command_after_a_reward_fix_rescores_a_complete_folder(generate
     write_reward(tmp_path / "r.py", "    return [3.0] * len(completions)")
     assert run_cli(argv, capsys)[0] == 0
     assert set(load_from_disk(str(tmp_path / "scored"))["reward"]) == {3.0}
+
+
+def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, tmp_path):
+    from rlfree.evaluation import EvaluateConfig, evaluate
+    from rlfree.sampling import SampleConfig, soft_best_of_n
+
+    prompts = long_prompts_file(tmp_path)
+    common = {"model_name_or_path": str(reference_dir), "prompts": str(prompts), "reward": [REWARD]}
+    picked = soft_best_of_n(
+        SampleConfig(
+            **common, output_dir=str(tmp_path / "bon"), soft_best_of_n=4, num_picks=2, max_new_tokens=3,
+            long_prompts="skip",
+        )
+    )  # fmt: skip
+    assert sorted(picked["prompt_index"]) == [0, 0, 2, 2] and sorted(picked["pick_index"]) == [0, 0, 1, 1]
+    report = evaluate(
+        EvaluateConfig(
+            **common, output_dir=str(tmp_path / "eval"), num_samples=4, max_new_tokens=3, long_prompts="skip"
+        )
+    )
+    assert report["num_prompts"] == 2
