@@ -323,6 +323,12 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     interrupted = (output / IN_PROGRESS).is_file() or any(output.glob("checkpoint-*"))
     inputs = {"--dataset_dir": args.dataset_dir, "--model_name_or_path": model_config.model_name_or_path}
     check_output_dir(args.output_dir, "training", settings, inputs, allow_unfinished=interrupted)
+    if args.resume_from_checkpoint is None and any(output.glob("checkpoint-*")):
+        # Starting over would write new checkpoints beside the old ones, and a later `last` could pick an old one.
+        raise StageInputError(
+            f"--output_dir {output} holds checkpoints of an earlier run: resume from them with --resume_from_checkpoint "
+            "last, or delete them to start over"
+        )
     if args.resume_from_checkpoint is not None and (output / IN_PROGRESS).is_file():
         different = changed_settings(json.loads((output / IN_PROGRESS).read_text()), settings)
         if different:
@@ -344,11 +350,12 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
             "--merge_lora needs the full weights in one place, but ZeRO-3/FSDP shards them: save the adapter (drop "
             "--merge_lora) and merge it offline with peft, or train LoRA with ZeRO-2 or DDP"
         )
-    finished_marker = Path(args.output_dir, "training.json")
+    finished_marker = output / "training.json"
+    record = json.dumps(settings, indent=2, default=str) + "\n"
     if trainer.is_world_process_zero():
         finished_marker.unlink(missing_ok=True)  # an earlier run's marker must not vouch for this run's files
         output.mkdir(parents=True, exist_ok=True)
-        (output / IN_PROGRESS).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        (output / IN_PROGRESS).write_text(record)
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
     if model_config.use_peft and model_config.merge_lora:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -360,7 +367,7 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     trainer.create_model_card()
     if trainer.is_world_process_zero():
         # Written last: a model folder holding training.json is complete (`rlfree run` skips it on a re-run).
-        finished_marker.write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        finished_marker.write_text(record)
         (output / IN_PROGRESS).unlink()
     return trainer
 

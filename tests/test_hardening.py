@@ -470,3 +470,14 @@ def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, tmp_pa
         )
     )
     assert report["num_prompts"] == 2
+
+
+def test_a_fresh_start_over_checkpoints_of_an_interrupted_run_is_refused(reference_dir, scored, tmp_path, capsys):
+    """New checkpoints beside old ones would let a later `--resume_from_checkpoint last` pick an old one."""
+    out = tmp_path / "model"
+    (out / "checkpoint-8").mkdir(parents=True)
+    argv = ["train", "--model_name_or_path", reference_dir, "--dataset_dir", scored, "--output_dir", out]
+    code, err = run_cli(argv, capsys)
+    assert (
+        code == 2 and "holds checkpoints of an earlier run: resume from them with --resume_from_checkpoint last" in err
+    )
