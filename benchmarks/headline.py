@@ -33,10 +33,11 @@ REWARD = "rlfree.toy:arithmetic_reward"
 
 
 def run_rlfree(task: Path, work: Path, beta: float, seed: int) -> dict:
-    from rlfree.generation import GenerateConfig, generate
-    from rlfree.rewards import ScoreConfig, score
-    from rlfree.training import ModelConfig, RLFreeConfig, train
-    from rlfree.weighting import WeightConfig, weight
+    from rlfree.lm.trainer import RLFreeConfig
+    from rlfree.stages.generate import GenerateConfig, generate
+    from rlfree.stages.score import ScoreConfig, score
+    from rlfree.stages.train import ModelConfig, train
+    from rlfree.stages.weight import WeightConfig, weight
 
     num_samples = 256
     generate(
@@ -74,7 +75,7 @@ def run_rlfree(task: Path, work: Path, beta: float, seed: int) -> dict:
 
 
 def run_soft_best_of_n(task: Path, work: Path, beta: float, seed: int, num_candidates: int = 16) -> dict:
-    from rlfree.sampling import SampleConfig, soft_best_of_n
+    from rlfree.stages.sample import SampleConfig, soft_best_of_n
 
     soft_best_of_n(
         SampleConfig(
@@ -93,7 +94,7 @@ def run_soft_best_of_n(task: Path, work: Path, beta: float, seed: int, num_candi
 
 
 def run_rloo(task: Path, work: Path, beta: float, seed: int, steps: int = 400, batch: int = 64) -> dict:
-    from rlfree.baselines import BaselineConfig, BaselineRLOOConfig, train_baseline
+    from rlfree.baselines.rloo import BaselineConfig, BaselineRLOOConfig, train_baseline
 
     train_baseline(
         BaselineConfig(
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="Optional JSON file for the figures.")
     args = parser.parse_args()
 
-    from rlfree.modeling import load_causal_lm
+    from rlfree.lm.modeling import load_causal_lm
 
     task = Path(tempfile.mkdtemp(prefix="rlfree-headline-"))
     model, tokenizer, prompt_rows = toy.write_task(task, NUM_PROMPTS, seed=0)

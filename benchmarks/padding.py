@@ -37,7 +37,7 @@ import torch
 from datasets import Dataset
 
 from rlfree import toy
-from rlfree.training import RLFreeConfig, RLFreeTrainer
+from rlfree.lm.trainer import RLFreeConfig, RLFreeTrainer
 
 VARIANTS = {
     "padded": {"train_sampling_strategy": "random"},

@@ -1,7 +1,7 @@
 """How many samples per prompt does weighted MLE need: one round from pi_ref, or several rounds (`rounds: K`)?
 
 On the enumerable toy of `rlfree demo` (16 addition prompts, completions of up to 3 tokens, every one enumerated),
-this runs the real recipe driver (`rlfree.pipeline.run_recipe`) with 3 rounds for each N (samples per prompt per
+this runs the real recipe driver (`rlfree.stages.run.run_recipe`) with 3 rounds for each N (samples per prompt per
 round). Round k + 1 samples from round k's model and corrects exactly towards the fixed target pi_ref * exp(r / beta).
 After each round it computes the exact KL(pi* || pi_theta) / KL(pi* || pi_ref) and reports, for each number of
 rounds, the fewest total samples per prompt (rounds x N) that bring the ratio to 0.1 or below.
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from rlfree import toy
-from rlfree.modeling import load_causal_lm
-from rlfree.pipeline import RunConfig, run_recipe
+from rlfree.lm.modeling import load_causal_lm
+from rlfree.stages.run import RunConfig, run_recipe
 
 NUM_PROMPTS = 16
 MAX_NEW_TOKENS = 3

@@ -9,7 +9,7 @@ with `datasets.load_dataset` and writes one JSON line per problem:
 
     {"messages": [{"role": "system", ...}, {"role": "user", "content": question + instruction}], "answer": "72"}
 
-`answer` is the number after `####` in GSM8K's solution (commas removed); `rlfree.verifiers:gsm8k_accuracy` reads
+`answer` is the number after `####` in GSM8K's solution (commas removed); `rlfree.rewards.verifiers:gsm8k_accuracy` reads
 either form. Needs network access to the Hugging Face Hub; it was not run where rlfree's tests run (offline).
 """
 

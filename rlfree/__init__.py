@@ -12,32 +12,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .generation import GenerateConfig, generate
-    from .inspection import InspectConfig
-    from .inspection import inspect as inspect_stage
-    from .pipeline import RunConfig, run_recipe
-    from .rewards import ScoreConfig, score
-    from .training import ModelConfig, RLFreeConfig, RLFreeTrainer, train
-    from .weighting import WeightConfig, weight
+    from .evaluation.inspect import InspectConfig
+    from .evaluation.inspect import inspect as inspect_stage
+    from .lm.trainer import RLFreeConfig, RLFreeTrainer
+    from .stages.generate import GenerateConfig, generate
+    from .stages.run import RunConfig, run_recipe
+    from .stages.score import ScoreConfig, score
+    from .stages.train import ModelConfig, train
+    from .stages.weight import WeightConfig, weight
 
 __version__ = "0.1.0"
 
 # public name -> (submodule, its name there)
 _EXPORTS = {
-    "GenerateConfig": ("generation", "GenerateConfig"),
-    "InspectConfig": ("inspection", "InspectConfig"),
-    "RunConfig": ("pipeline", "RunConfig"),
-    "ModelConfig": ("training", "ModelConfig"),
-    "RLFreeConfig": ("training", "RLFreeConfig"),
-    "RLFreeTrainer": ("training", "RLFreeTrainer"),
-    "ScoreConfig": ("rewards", "ScoreConfig"),
-    "WeightConfig": ("weighting", "WeightConfig"),
-    "generate": ("generation", "generate"),
-    "inspect_stage": ("inspection", "inspect"),
-    "run_recipe": ("pipeline", "run_recipe"),
-    "score": ("rewards", "score"),
-    "train": ("training", "train"),
-    "weight": ("weighting", "weight"),
+    "GenerateConfig": ("stages.generate", "GenerateConfig"),
+    "InspectConfig": ("evaluation.inspect", "InspectConfig"),
+    "RunConfig": ("stages.run", "RunConfig"),
+    "ModelConfig": ("stages.train", "ModelConfig"),
+    "RLFreeConfig": ("lm.trainer", "RLFreeConfig"),
+    "RLFreeTrainer": ("lm.trainer", "RLFreeTrainer"),
+    "ScoreConfig": ("stages.score", "ScoreConfig"),
+    "WeightConfig": ("stages.weight", "WeightConfig"),
+    "generate": ("stages.generate", "generate"),
+    "inspect_stage": ("evaluation.inspect", "inspect"),
+    "run_recipe": ("stages.run", "run_recipe"),
+    "score": ("stages.score", "score"),
+    "train": ("stages.train", "train"),
+    "weight": ("stages.weight", "weight"),
 }
 
 __all__ = [

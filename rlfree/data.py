@@ -324,7 +324,7 @@ def run_in_shards(
     shard_size: int,
     make_shard: Callable[[range], Dataset],
     input_dir: str | os.PathLike | None = None,
-    finish: Callable[[Dataset], Dataset] | None = None,
+    finish: Callable[[Dataset], tuple[Dataset, dict[str, Any]]] | None = None,
     finish_only: tuple[str, ...] = (),
 ) -> Dataset:
     """Compute a stage's dataset shard by shard, split across accelerate processes, resuming where a run stopped.
@@ -335,7 +335,8 @@ def run_in_shards(
     model, a reward function whose code changed since) are discarded and recomputed, so a corrected command goes on
     instead of being trapped by its failed run, and no result of the old code is kept; `finish_only` names settings
     that only `finish` reads (dropping invalid rows, say), which therefore keep the shards.
-    When every shard exists, the main process concatenates them in order, applies `finish` and writes the stage
+    When every shard exists, the main process concatenates them in order, applies `finish` (which returns the final
+    dataset and a record for the sidecar: a summary the shards carried in columns, say) and writes the stage
     with `save_stage`, so `output_dir` only ever appears complete (replacing an earlier complete run: skipping
     finished stages is `rlfree run`'s job, which also knows when an input changed).
     """
@@ -369,8 +370,9 @@ def run_in_shards(
     state.wait_for_everyone()
     if state.is_main_process:
         dataset = concatenate_datasets([load_from_disk(str(partial / f"shard-{k:05d}")) for k in range(len(shards))])
-        dataset = finish(dataset) if finish is not None else dataset
-        save_stage(dataset, output, stage, settings | {"num_processes": state.num_processes}, input_dir=input_dir)
+        dataset, record = finish(dataset) if finish is not None else (dataset, {})
+        record = settings | {"num_processes": state.num_processes} | record
+        save_stage(dataset, output, stage, record, input_dir=input_dir)
         shutil.rmtree(partial)
     state.wait_for_everyone()
     return load_from_disk(str(output))

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from rlfree.cli import command_types, main, parse_command
+from rlfree.cli import main
+from rlfree.commands import command_types
 from rlfree.data import StageInputError
+from rlfree.recipe import parse_command
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -44,7 +46,7 @@ def test_rloo_trains_from_the_reference_with_the_given_beta(reference_dir, promp
 
 def test_without_trl_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` raise ImportError
-    monkeypatch.delitem(sys.modules, "rlfree.baselines", raising=False)
+    monkeypatch.delitem(sys.modules, "rlfree.baselines.rloo", raising=False)
     with pytest.raises(StageInputError, match=r"pip install -e '\.\[baselines\]'"):
         command_types("baseline")
     # Other commands still read recipes whose top-level keys only the baseline knows.

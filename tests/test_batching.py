@@ -17,13 +17,14 @@ from transformers.masking_utils import create_causal_mask
 
 from rlfree import toy
 from rlfree.errors import StageInputError
-from rlfree.modeling import (
+from rlfree.lm.modeling import (
     completion_logprobs,
     flatten_prompt_completion,
     model_completion_logprobs,
     pad_prompt_completion,
 )
-from rlfree.training import ModelConfig, RLFreeTrainer, WeightedCollator, train
+from rlfree.lm.trainer import RLFreeTrainer, WeightedCollator
+from rlfree.stages.train import ModelConfig, train
 
 VOCAB_SIZE = len(toy.VOCAB)
 # (prompt, completion) lengths: varied, one empty completion, one empty prompt (its first token is never scored).

@@ -17,8 +17,8 @@ from transformers import (
 )
 
 from rlfree import toy
-from rlfree.modeling import completion_logprobs, model_completion_logprobs, pad_prompt_completion
-from rlfree.training import RLFreeTrainer
+from rlfree.lm.modeling import completion_logprobs, model_completion_logprobs, pad_prompt_completion
+from rlfree.lm.trainer import RLFreeTrainer
 
 SMALL = {"vocab_size": 97, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}  # fmt: skip

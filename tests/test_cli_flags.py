@@ -17,11 +17,13 @@ import pytest
 from datasets import Dataset
 
 import rlfree.data
-from rlfree.cli import main, parse_command
+from rlfree.cli import main
 from rlfree.errors import StageInputError
-from rlfree.generation import GenerateConfig
-from rlfree.training import ModelConfig, RLFreeConfig
-from rlfree.weighting import WeightConfig
+from rlfree.lm.trainer import RLFreeConfig
+from rlfree.recipe import parse_command
+from rlfree.stages.generate import GenerateConfig
+from rlfree.stages.train import ModelConfig
+from rlfree.stages.weight import WeightConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_RECIPE = REPO_ROOT / "recipes" / "toy.yaml"
@@ -115,8 +117,8 @@ def test_public_names_still_import_from_the_package():
     import rlfree
     from rlfree import WeightConfig as PublicWeightConfig
     from rlfree import inspect_stage, weight
-    from rlfree.inspection import inspect
-    from rlfree.weighting import weight as weight_stage
+    from rlfree.evaluation.inspect import inspect
+    from rlfree.stages.weight import weight as weight_stage
 
     assert (PublicWeightConfig, weight, inspect_stage) == (WeightConfig, weight_stage, inspect)
     assert set(rlfree.__all__) <= set(dir(rlfree))

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_from_disk
 
-from rlfree.cli import main, parse_command
+from rlfree.cli import main
 from rlfree.data import StageInputError, load_prompts, save_stage
-from rlfree.rewards import ScoreConfig
-from rlfree.training import ModelConfig, RLFreeConfig
-from rlfree.weighting import WeightConfig
+from rlfree.lm.trainer import RLFreeConfig
+from rlfree.recipe import parse_command
+from rlfree.stages.score import ScoreConfig
+from rlfree.stages.train import ModelConfig
+from rlfree.stages.weight import WeightConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Non-numeric answers, so CSV type inference keeps them as strings.
@@ -410,7 +412,7 @@ def test_weight_with_negative_beta_exits_2_naming_the_flag(tmp_path, capsys):
     "command", ["generate", "score", "weight", "train", "run", "inspect", "sample", "evaluate", "ab", "demo"]
 )
 def test_every_command_has_help(command, capsys):
-    from rlfree.cli import COMMANDS
+    from rlfree.commands import COMMANDS
 
     assert command in COMMANDS
     with pytest.raises(SystemExit) as exit_info:

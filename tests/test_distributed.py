@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlfree.generation import GenerateConfig, generate
-from rlfree.rewards import ScoreConfig, score
-from rlfree.training import ModelConfig, RLFreeConfig, train
-from rlfree.weighting import WeightConfig, weight
+from rlfree.lm.trainer import RLFreeConfig
+from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.score import ScoreConfig, score
+from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.weight import WeightConfig, weight
 
 STEPS = 3
 TRAINING_FLAGS = {

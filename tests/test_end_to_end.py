@@ -10,7 +10,7 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlfree.demo import DemoConfig, run_demo
+from rlfree.toy.demo import DemoConfig, run_demo
 
 
 def rlfree(*args, cwd):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rlfree import toy
 from rlfree.data import StageInputError
-from rlfree.evaluation import ABConfig, EvaluateConfig, ab, bootstrap_means, estimate, evaluate, win_rates
+from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, bootstrap_means, estimate, evaluate, win_rates
 
 REWARD = ["rlfree.toy:arithmetic_reward"]
 MAX_NEW_TOKENS = 3  # two answer digits + EOS: every completion is enumerable

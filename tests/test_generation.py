@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from rlfree import toy
 from rlfree.data import StageInputError
-from rlfree.generation import GenerateConfig, generate
+from rlfree.stages.generate import GenerateConfig, generate
 
 
 def _model(path):

@@ -11,14 +11,17 @@ import stat
 import pytest
 from datasets import Dataset, load_from_disk
 
-from rlfree import generation, rewards
 from rlfree.cli import main
 from rlfree.data import load_prompts
 from rlfree.errors import StageInputError
-from rlfree.generation import GenerateConfig, generate
-from rlfree.modeling import load_causal_lm
-from rlfree.rewards import ScoreConfig, score
+from rlfree.lm import generation
+from rlfree.lm.backends import hf as hf_backend
+from rlfree.lm.backends.hf import HFBackend
+from rlfree.lm.modeling import load_causal_lm
 from rlfree.sources import context_length
+from rlfree.stages import score as score_stage
+from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.score import ScoreConfig, score
 
 REWARD = "rlfree.toy:arithmetic_reward"
 
@@ -172,8 +175,10 @@ def test_the_nan_reward_advice_works_both_ways(generated, tmp_path, capsys, monk
     argv[-1] = tmp_path / "b"
     assert run_cli(argv, capsys)[0] == 2
     calls = []
-    original = rewards.score_dataset
-    monkeypatch.setattr(rewards, "score_dataset", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = score_stage.score_dataset
+    monkeypatch.setattr(
+        score_stage, "score_dataset", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    )
     assert run_cli([*argv, "--drop_invalid_rewards"], capsys)[0] == 0
     assert calls == [] and len(load_from_disk(str(tmp_path / "b"))) == 12
 
@@ -210,8 +215,8 @@ def test_a_changed_model_folder_restarts_an_unfinished_generation(
         calls.append(1)
         return original(*args, **kwargs)
 
-    original = generation.sample_completions
-    monkeypatch.setattr(generation, "sample_completions", fail_on_second)
+    original = HFBackend.draw
+    monkeypatch.setattr(HFBackend, "draw", fail_on_second)
     config = GenerateConfig(
         str(model), str(prompts_file), str(tmp_path / "out"), num_samples=2, max_new_tokens=3, shard_size=2
     )
@@ -409,7 +414,7 @@ def test_trl_conversational_reward_functions_get_trl_conversational_inputs(refer
 def test_the_sampler_config_is_valid_so_generate_warns_about_nothing(reference_dir):
     """transformers warns on every `generate` about sampling flags set on a greedy config (strict mode raises)."""
     model = load_causal_lm(str(reference_dir))
-    with generation.plain_sampling(model, [0], 0) as generation_config:
+    with hf_backend.plain_sampling(model, [0], 0) as generation_config:
         generation_config.validate(strict=True)
 
 
@@ -430,7 +435,7 @@ def test_sampling_from_pi_ref_reads_its_log_softmax_once(reference_dir, prompts_
 
 
 def test_checkpoints_of_a_run_with_other_settings_are_not_resumed(reference_dir, scored, tmp_path, capsys):
-    from rlfree.training import IN_PROGRESS
+    from rlfree.stages.train import IN_PROGRESS
 
     out = tmp_path / "model"
     argv = ["train", "--model_name_or_path", reference_dir, "--dataset_dir", scored, "--output_dir", out]
@@ -452,8 +457,8 @@ def test_the_same_command_after_a_reward_fix_rescores_a_complete_folder(generate
 
 
 def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, tmp_path):
-    from rlfree.evaluation import EvaluateConfig, evaluate
-    from rlfree.sampling import SampleConfig, soft_best_of_n
+    from rlfree.evaluation.evaluate import EvaluateConfig, evaluate
+    from rlfree.stages.sample import SampleConfig, soft_best_of_n
 
     prompts = long_prompts_file(tmp_path)
     common = {"model_name_or_path": str(reference_dir), "prompts": str(prompts), "reward": [REWARD]}

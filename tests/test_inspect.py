@@ -14,8 +14,8 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from rlfree.data import StageInputError, save_stage
-from rlfree.inspection import InspectConfig, inspect
-from rlfree.weighting import WeightConfig, weight
+from rlfree.evaluation.inspect import InspectConfig, inspect
+from rlfree.stages.weight import WeightConfig, weight
 
 PLOTS = ("rewards.png", "weights.png", "ess.png", "beta_curve.png")
 
@@ -240,8 +240,8 @@ def test_weight_stage_output_end_to_end(tmp_path, capsys):
 
 def test_generated_scored_and_weighted_toy_folders(reference_dir, prompts_file, tmp_path):
     """The real stages' folders, each inspected in place, still feed the next stage."""
-    from rlfree.generation import GenerateConfig, generate
-    from rlfree.rewards import ScoreConfig, score
+    from rlfree.stages.generate import GenerateConfig, generate
+    from rlfree.stages.score import ScoreConfig, score
 
     generated, scored, weighted = tmp_path / "generated", tmp_path / "scored", tmp_path / "weighted"
     generate(

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from rlfree import toy
 from rlfree.cli import main
 from rlfree.data import StageInputError
-from rlfree.pipeline import RunConfig, run_recipe
-from rlfree.training import IN_PROGRESS
+from rlfree.stages.run import RunConfig, run_recipe
+from rlfree.stages.train import IN_PROGRESS
 
 STAGE_FOLDERS = ("generated", "scored", "weighted", "model")
 

@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlfree.cli import COMMANDS, command_types, parse_command
-from rlfree.generation import GenerateConfig
-from rlfree.rewards import ScoreConfig, load_reward_function
-from rlfree.training import ModelConfig, RLFreeConfig
-from rlfree.weighting import WeightConfig
+from rlfree.commands import COMMANDS, command_types
+from rlfree.lm.trainer import RLFreeConfig
+from rlfree.recipe import parse_command
+from rlfree.rewards.scoring import load_reward_function
+from rlfree.stages.generate import GenerateConfig
+from rlfree.stages.score import ScoreConfig
+from rlfree.stages.train import ModelConfig
+from rlfree.stages.weight import WeightConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))

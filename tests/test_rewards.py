@@ -13,7 +13,8 @@ from datasets import Dataset, load_from_disk
 
 from rlfree import toy
 from rlfree.data import StageInputError
-from rlfree.rewards import RewardModel, ScoreConfig, load_reward_function, score, score_dataset
+from rlfree.rewards.scoring import RewardModel, load_reward_function, score_dataset
+from rlfree.stages.score import ScoreConfig, score
 
 
 def write_module(path, source: str) -> str:

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree import toy
 from rlfree.data import StageInputError
-from rlfree.sampling import SampleConfig, log_weights, pick, pick_dataset, soft_best_of_n
+from rlfree.stages.sample import SampleConfig, pick_dataset, soft_best_of_n
+from rlfree.weights import pick, pick_log_weights
 
 REWARD = "rlfree.toy:arithmetic_reward"
 # Chi-square critical values at p = 0.001, so a correct sampler fails one of these checks about 1 run in 1000.
@@ -52,10 +53,12 @@ def test_pick_frequencies_match_softmax():
 
 def test_small_beta_picks_the_max_and_zero_beta_breaks_ties_uniformly():
     reward, group = _replicated([0.2, 0.9, 0.5, 0.1], 1000)
-    rows = pick(log_weights(reward, torch.zeros_like(reward), group, 1e-3), group, torch.Generator().manual_seed(0))
+    rows = pick(
+        pick_log_weights(reward, torch.zeros_like(reward), group, 1e-3), group, torch.Generator().manual_seed(0)
+    )
     assert torch.all(rows % 4 == 1)
     reward, group = _replicated([1.0, 0.0, 1.0, 1.0, 0.5], 20000)
-    values = log_weights(reward, torch.zeros_like(reward), group, 0.0)
+    values = pick_log_weights(reward, torch.zeros_like(reward), group, 0.0)
     counts = torch.bincount(pick(values, group, torch.Generator().manual_seed(1)) % 5, minlength=5).double()
     expected = torch.tensor([1, 0, 1, 1, 0], dtype=torch.float64) / 3
     assert _chi_square(counts, expected) < CHI2_CRITICAL[2]
@@ -68,7 +71,7 @@ def test_proposal_correction_retargets_the_picks():
     for beta in (1.0, 0.0):  # beta = 0 breaks the (all-tied) rewards by the correction too
         reward, group = _replicated([1.0, 1.0, 1.0], 20000)
         correction = (ref - proposal).repeat(20000)
-        values = log_weights(reward, correction, group, beta)
+        values = pick_log_weights(reward, correction, group, beta)
         counts = torch.bincount(pick(values, group, torch.Generator().manual_seed(2)) % 3, minlength=3).double()
         assert _chi_square(counts, (ref - proposal).softmax(0)) < CHI2_CRITICAL[2]
 

@@ -11,10 +11,11 @@ import sys
 import pytest
 from datasets import load_from_disk
 
-from rlfree import generation, rewards
 from rlfree.data import StageInputError, load_stage
-from rlfree.generation import GenerateConfig, generate
-from rlfree.rewards import ScoreConfig, score
+from rlfree.lm.backends.hf import HFBackend
+from rlfree.stages import score as score_stage
+from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.score import ScoreConfig, score
 
 REWARD = "rlfree.toy:arithmetic_reward"
 
@@ -76,7 +77,7 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_result(
 ):
     whole = generate(generate_config(reference_dir, prompts_file, tmp_path / "whole")).to_list()
     output = tmp_path / "resumed"
-    interrupt_after(monkeypatch, generation, "sample_completions", calls=2)
+    interrupt_after(monkeypatch, HFBackend, "draw", calls=2)
     with pytest.raises(KeyboardInterrupt):
         generate(generate_config(reference_dir, prompts_file, output))
     assert not output.exists()  # nothing that could load as a finished stage
@@ -88,7 +89,7 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_result(
         load_stage(output)
 
     monkeypatch.undo()
-    made = interrupt_after(monkeypatch, generation, "sample_completions", calls=100)
+    made = interrupt_after(monkeypatch, HFBackend, "draw", calls=100)
     # A different batch size does not change the samples, so it may finish the run.
     resumed = generate(generate_config(reference_dir, prompts_file, output, batch_size=2))
     assert len(made) == 2  # only the two missing prompts were generated
@@ -100,7 +101,7 @@ def test_other_settings_discard_an_unfinished_run_instead_of_keeping_or_refusing
     reference_dir, prompts_file, tmp_path, monkeypatch, capsys
 ):
     """A corrected command is not trapped by its failed run's shards, and none of them survives into its output."""
-    interrupt_after(monkeypatch, generation, "sample_completions", calls=1)
+    interrupt_after(monkeypatch, HFBackend, "draw", calls=1)
     with pytest.raises(KeyboardInterrupt):
         generate(generate_config(reference_dir, prompts_file, tmp_path / "out"))
     monkeypatch.undo()
@@ -120,12 +121,12 @@ def test_an_interrupted_scoring_resumes_to_the_uninterrupted_result(
     generate(generate_config(reference_dir, prompts_file, generated))
     config = {"input_dir": str(generated), "reward": [REWARD], "shard_size": 5}
     whole = score(ScoreConfig(output_dir=str(tmp_path / "whole"), **config)).to_list()
-    interrupt_after(monkeypatch, rewards, "score_dataset", calls=3)
+    interrupt_after(monkeypatch, score_stage, "score_dataset", calls=3)
     with pytest.raises(KeyboardInterrupt):
         score(ScoreConfig(output_dir=str(tmp_path / "scored"), **config))
     assert not (tmp_path / "scored").exists()
     monkeypatch.undo()
-    made = interrupt_after(monkeypatch, rewards, "score_dataset", calls=100)
+    made = interrupt_after(monkeypatch, score_stage, "score_dataset", calls=100)
     assert score(ScoreConfig(output_dir=str(tmp_path / "scored"), **config)).to_list() == whole
     assert len(made) == 2  # 24 rows in shards of 5: 3 were done, 2 were left
 

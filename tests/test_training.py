@@ -11,7 +11,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from rlfree import toy
-from rlfree.training import ModelConfig, RLFreeConfig, RLFreeTrainer, model_card, train
+from rlfree.lm.trainer import RLFreeConfig, RLFreeTrainer, model_card
+from rlfree.stages.train import ModelConfig, train
 
 ROWS = [
     # prompt "1 + 2 =", completions of different lengths so a per-token mean would differ from the sum

@@ -6,8 +6,8 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from rlfree.data import StageInputError
-from rlfree.rewards import ScoreConfig, load_reward_function, score
-from rlfree.verifiers import (
+from rlfree.rewards.scoring import load_reward_function
+from rlfree.rewards.verifiers import (
     FORMAT_REWARD,
     answers_match,
     completion_text,
@@ -16,6 +16,7 @@ from rlfree.verifiers import (
     gsm8k_format,
     parse_reference,
 )
+from rlfree.stages.score import ScoreConfig, score
 
 
 @pytest.mark.parametrize(
@@ -160,13 +161,13 @@ def test_gsm8k_accuracy_through_rlfree_score(tmp_path):
         }
     )
     generated.save_to_disk(str(tmp_path / "generated"))
-    spec = "rlfree.verifiers:gsm8k_accuracy"
+    spec = "rlfree.rewards.verifiers:gsm8k_accuracy"
     assert load_reward_function(spec) is gsm8k_accuracy
     score(
         ScoreConfig(
             input_dir=str(tmp_path / "generated"),
             output_dir=str(tmp_path / "scored"),
-            reward=[spec, "rlfree.verifiers:gsm8k_format"],
+            reward=[spec, "rlfree.rewards.verifiers:gsm8k_format"],
         )
     )
     scored = load_from_disk(str(tmp_path / "scored"))

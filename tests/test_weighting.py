@@ -16,7 +16,7 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from rlfree.data import StageInputError
-from rlfree.weighting import WeightConfig, weight, weight_dataset
+from rlfree.stages.weight import WeightConfig, weight, weight_dataset
 
 
 def make_samples(prompt_index, reward=None, ref_logprob=None, proposal_logprob=None, num_tokens=None) -> Dataset:
@@ -463,9 +463,9 @@ def test_target_kl_picks_a_beta_whose_exact_kl_is_on_target(reference_dir, promp
 
     from rlfree import toy
     from rlfree.cli import main
-    from rlfree.generation import GenerateConfig, generate
-    from rlfree.modeling import load_causal_lm, load_tokenizer
-    from rlfree.rewards import ScoreConfig, score
+    from rlfree.lm.modeling import load_causal_lm, load_tokenizer
+    from rlfree.stages.generate import GenerateConfig, generate
+    from rlfree.stages.score import ScoreConfig, score
 
     generate(
         GenerateConfig(

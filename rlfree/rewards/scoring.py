@@ -1,14 +1,12 @@
-"""Stage 2: score every completion.
+"""Rewards with TRL's GRPO signature, `f(prompts, completions, **kwargs) -> list[float]`, and reward models.
 
-A reward is a Python function with TRL's GRPO signature, `f(prompts, completions, **kwargs) -> list[float]`
-(every other dataset column arrives as a keyword argument, so reward functions written for TRL plug in unchanged),
-or a `transformers` sequence-classification reward model. Several rewards combine as a weighted sum; each keeps
+Every other dataset column arrives as a keyword argument, so reward functions written for TRL plug in unchanged; a
+`transformers` sequence-classification model is a reward too. Several rewards combine as a weighted sum; each keeps
 its own column.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import importlib.util
@@ -16,7 +14,6 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,76 +22,12 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .data import check_output_dir, folder_stamp, load_stage, process_state, run_in_shards
-from .errors import StageInputError, check_finite
-from .modeling import default_device
-from .sources import load_model_config
+from ..data import folder_stamp
+from ..errors import StageInputError
+from ..lm.modeling import default_device
+from ..options import split_reward_spec
 
 RewardFunction = Callable[..., list[float]]
-
-
-def reward_functions_field() -> Any:
-    """The `--reward` flag, the same in every command that scores completions."""
-    return field(
-        default_factory=list,
-        metadata={"help": "Reward function(s) as path/to/file.py:FUNC or package.module:FUNC (TRL signature)."},
-    )
-
-
-def reward_models_field() -> Any:
-    """The `--reward_model` flag, the same in every command that scores completions."""
-    return field(
-        default_factory=list, metadata={"help": "Sequence-classification reward model(s): local folder or Hub id."}
-    )
-
-
-@dataclass
-class ScoreConfig:
-    """Settings of `rlfree score`."""
-
-    input_dir: str = field(metadata={"help": "Output folder of `rlfree generate`."})
-    output_dir: str = field(metadata={"help": "Where the scored dataset is written."})
-    reward: list[str] = reward_functions_field()
-    reward_model: list[str] = reward_models_field()
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "Weights of the rewards in the sum, in order: --reward ones, then --reward_model ones."},
-    )
-    drop_invalid_rewards: bool = field(
-        default=False,
-        metadata={"help": "Drop rows whose reward is NaN/inf/None instead of stopping with an error."},
-    )
-    batch_size: int = field(default=64, metadata={"help": "Completions scored per call."})
-    shard_size: int = field(
-        default=1024,
-        metadata={"help": "Completions per shard: the unit written at once, split across processes and resumed."},
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom reward-model code from the Hub."})
-
-    def __post_init__(self):
-        check_finite(self)
-        check_reward_flags(self.reward, self.reward_model)
-        count = len(self.reward) + len(self.reward_model)
-        if self.reward_weights is not None and len(self.reward_weights) != count:
-            raise StageInputError(f"--reward_weights has {len(self.reward_weights)} values for {count} rewards")
-        if self.shard_size < 1:
-            raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
-
-
-def split_reward_spec(spec: str) -> tuple[str, str]:
-    """(file or module, function name) of `path/to/file.py:FUNC` or `package.module:FUNC`."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise StageInputError(f"--reward {spec!r}: expected path/to/file.py:FUNC or package.module:FUNC")
-    return target, name
-
-
-def check_reward_flags(reward: list[str], reward_model: list[str]) -> None:
-    """At least one reward, each --reward well formed: checked when the flags are parsed, before anything is made."""
-    if not reward and not reward_model:
-        raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
-    for spec in reward:
-        split_reward_spec(spec)
 
 
 def load_reward_function(spec: str) -> RewardFunction:
@@ -268,60 +201,3 @@ def score_dataset(
     if "reward" in dataset.column_names:
         dataset = dataset.remove_columns("reward")
     return dataset.add_column("reward", total)
-
-
-def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
-    """Stop on a NaN/inf/None reward naming the row, or drop such rows and say how many."""
-    bad = [row for row, value in enumerate(dataset["reward"]) if not math.isfinite(value)]
-    if not bad:
-        return dataset
-    if not drop_invalid:
-        first = dataset[bad[0]]
-        raise StageInputError(
-            f"reward is NaN/inf/None for {len(bad)} row(s); first: row {bad[0]} (prompt_index "
-            f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
-            f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
-        )
-    if len(bad) == len(dataset):
-        raise StageInputError(f"every one of the {len(dataset)} rewards is NaN/inf/None: nothing is left to weight")
-    print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
-    keep = sorted(set(range(len(dataset))) - set(bad))
-    return dataset.select(keep)
-
-
-def score(config: ScoreConfig) -> Dataset:
-    """Run the scoring stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run."""
-    state = process_state()
-    dataset = load_stage(config.input_dir, ("prompt", "completion"), hint="Score the output of `rlfree generate`.")
-    reward_functions = [load_reward_function(spec) for spec in config.reward]
-    for path in config.reward_model:
-        load_model_config("--reward_model", path, config.trust_remote_code)
-    # The input's fingerprint ties unfinished shards to the data they scored, the rewards' to the code that scored
-    # them: a regenerated input or an edited reward function starts over.
-    settings = asdict(config) | {
-        "input_fingerprint": dataset._fingerprint,
-        "reward_fingerprints": reward_fingerprints(config),
-    }
-    check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
-
-    @functools.cache
-    def functions() -> list[RewardFunction]:
-        """Loaded on the first shard this process scores: a finished run loads no reward model."""
-        return reward_functions + [
-            RewardModel(path, config.trust_remote_code, state.device) for path in config.reward_model
-        ]
-
-    def make_shard(rows: range) -> Dataset:
-        return score_dataset(dataset.select(rows), functions(), config.reward_weights, config.batch_size, rows.start)
-
-    return run_in_shards(
-        config.output_dir,
-        "scoring",
-        settings,
-        len(dataset),
-        config.shard_size,
-        make_shard,
-        input_dir=config.input_dir,
-        finish=lambda scored: check_rewards(scored, config.drop_invalid_rewards),
-        finish_only=("drop_invalid_rewards",),
-    )

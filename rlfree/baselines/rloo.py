@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import torch
 from trl import RLOOConfig, RLOOTrainer
 
-from .data import load_prompts
-from .errors import StageInputError, check_finite
-from .modeling import load_tokenizer
-from .rewards import load_reward_function, reward_functions_field
+from ..data import load_prompts
+from ..errors import StageInputError, check_finite
+from ..lm.modeling import load_tokenizer
+from ..options import reward_functions_field
+from ..rewards.scoring import load_reward_function
 
 
 @dataclass
@@ -75,3 +76,8 @@ def train_baseline(config: BaselineConfig, args: BaselineRLOOConfig) -> RLOOTrai
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     return trainer
+
+
+def baseline_command(config: BaselineConfig, args: BaselineRLOOConfig) -> str:
+    train_baseline(config, args)
+    return f"wrote the RLOO baseline (beta={args.beta}) to {args.output_dir}"

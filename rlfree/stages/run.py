@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import describe_changes, process_state, read_sidecars, recorded_changes
-from .errors import StageInputError
+from ..commands import command_function, command_types
+from ..data import describe_changes, process_state, read_sidecars, recorded_changes
+from ..errors import StageInputError
+from ..recipe import parse_command, recipe_sections
 
 STAGES = ("generate", "score", "weight", "train")
 # The sidecar each stage leaves in its output folder, written last: its presence means the folder is complete.
@@ -49,7 +51,7 @@ def round_path(path: str, round_number: int) -> str:
 def stage_settings(stage: str, configs: tuple) -> dict[str, Any]:
     """The settings a stage records and that a re-run must match (unset values are not compared)."""
     if stage == "train":
-        from .training import training_settings
+        from .train import training_settings
 
         return training_settings(*configs)
     (config,) = configs
@@ -79,7 +81,7 @@ def is_complete(stage: str, configs: tuple, output_dir: str) -> bool:
     if any((_sidecar_time(path) or 0) > finished for path in stage_inputs(stage, configs)):
         return False
     if stage == "score":
-        from .rewards import reward_fingerprints
+        from ..rewards.scoring import reward_fingerprints
 
         # A reward function edited since the folder was scored makes it stale, though its flags are the same.
         recorded = read_sidecars(output_dir)["scoring"].get("reward_fingerprints")
@@ -116,29 +118,8 @@ def round_overrides(stage: str, round_number: int, paths: dict[str, str], refere
     return ["--dataset_dir", here["weight"]]
 
 
-def run_stage(stage: str, configs: tuple) -> None:
-    if stage == "generate":
-        from .generation import generate
-
-        generate(*configs)
-    elif stage == "score":
-        from .rewards import score
-
-        score(*configs)
-    elif stage == "weight":
-        from .weighting import weight
-
-        weight(*configs)
-    else:
-        from .training import train
-
-        train(*configs)
-
-
 def run_recipe(recipe: str, config: RunConfig) -> list[str]:
     """Run the recipe's stages for `config.rounds` rounds; returns the trained model folder of each round."""
-    from .cli import command_types, parse_command, recipe_sections
-
     # Under `accelerate launch` every process walks the same stages (generate, score and train share the work);
     # the main one speaks for them, and each stage ends with all of them in step.
     state = process_state()
@@ -164,7 +145,12 @@ def run_recipe(recipe: str, config: RunConfig) -> list[str]:
             if state.is_main_process:
                 print(f"[{label}] {output_dir} is complete: skipped" if complete else f"[{label}] -> {output_dir}")
             if not complete:
-                run_stage(stage, configs)
+                command_function(stage)(*configs)
             state.wait_for_everyone()
         models.append(round_path(paths["train"], round_number))
     return models
+
+
+def run_command(config: RunConfig, recipe: str) -> str:
+    models = run_recipe(recipe, config)
+    return f"trained model{'s' if len(models) > 1 else ''}: {', '.join(models)}"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import StageInputError
+from ..errors import StageInputError
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,15 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     processors=None,
     position_ids: torch.Tensor | None = None,
+    per_token: bool = False,
 ) -> torch.Tensor:
     """Sequence log-probability of each completion: the *sum* over its tokens, in float32.
 
     `logits` are the model's outputs for `input_ids`; the token at position t is scored by the logits at t-1.
     `processors` (transformers logits warpers: temperature, top-k, top-p) turn the model's distribution into a
     sampler's; without them this is the model's full softmax at temperature 1. One value per row, or, with the
-    `position_ids` of packed rows (`flatten_prompt_completion`), one per packed sequence.
+    `position_ids` of packed rows (`flatten_prompt_completion`), one per packed sequence. With `per_token`, the
+    scored tokens' own log-probabilities instead, flat, row by row.
     """
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
@@ -167,7 +169,11 @@ def completion_logprobs(
     token_logprobs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     if position_ids is not None:
         selected, sequence, num_sequences = _scored_tokens(completion_mask, position_ids)
+        if per_token:
+            return token_logprobs[selected]
         return token_logprobs.new_zeros(num_sequences).index_add(0, sequence, token_logprobs[selected])
+    if per_token:
+        return token_logprobs[mask.bool()]
     # A token the sampler could not have drawn has log p = -inf; keep it (the weighting stage rejects it) but never
     # let -inf * 0 on padding turn into NaN.
     token_logprobs = torch.where(mask.bool(), token_logprobs, torch.zeros_like(token_logprobs))
@@ -185,6 +191,7 @@ def model_completion_logprobs(
     processor_sets: tuple = (None,),
     chunk_size: int | None = DEFAULT_LOGITS_CHUNK_SIZE,
     position_ids: torch.Tensor | None = None,
+    per_token: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """`completion_logprobs` for each entry of `processor_sets`, from one forward pass of `model`, in bounded memory.
 
@@ -213,7 +220,9 @@ def model_completion_logprobs(
         model_inputs = {"input_ids": input_ids, "position_ids": position_ids} | _without_cache(base)
     if not chunk_size or _needs_full_logits(model, base) or not _takes(base, "logits_to_keep"):
         logits = model(**model_inputs).logits
-        return tuple(completion_logprobs(logits, input_ids, completion_mask, p, position_ids) for p in processor_sets)
+        return tuple(
+            completion_logprobs(logits, input_ids, completion_mask, p, position_ids, per_token) for p in processor_sets
+        )
     if chunk_size < 0:
         raise ValueError(f"logits_chunk_size must be a positive number of positions, or 0/None, got {chunk_size}")
 
@@ -260,7 +269,7 @@ def model_completion_logprobs(
                 type(base).__name__,
             )
             return model_completion_logprobs(
-                model, input_ids, attention_mask, completion_mask, processor_sets, None, position_ids
+                model, input_ids, attention_mask, completion_mask, processor_sets, None, position_ids, per_token
             )
     base._rlfree_projection_checked = True
     del outputs
@@ -283,6 +292,9 @@ def model_completion_logprobs(
             else:
                 token_logprobs.append(_chunk_logprobs(project, processors, *chunk))
         values = torch.cat(token_logprobs) if token_logprobs else states.new_zeros(0, dtype=torch.float32)
+        if per_token:
+            results.append(values)
+            continue
         sums = torch.zeros(num_sequences, dtype=torch.float32, device=values.device)
         results.append(sums.index_add(0, sequence, values))
     return tuple(results)

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 
-from . import toy
-from .errors import check_finite
-from .generation import GenerateConfig, generate
-from .modeling import load_causal_lm
-from .rewards import ScoreConfig, score
-from .training import ModelConfig, RLFreeConfig, train
-from .weighting import WeightConfig, weight
+from .. import toy
+from ..errors import check_finite
+from ..lm.modeling import load_causal_lm
+from ..lm.trainer import RLFreeConfig
+from ..stages.generate import GenerateConfig, generate
+from ..stages.score import ScoreConfig, score
+from ..stages.train import ModelConfig, train
+from ..stages.weight import WeightConfig, weight
 
 REWARD = "rlfree.toy:arithmetic_reward"
 

@@ -1,7 +1,7 @@
 """Verifiable rewards for math word problems (GSM8K), in TRL's reward-function convention.
 
 `f(prompts, completions, **kwargs) -> list[float]`: every other dataset column arrives as a keyword argument, so these
-plug into `rlfree score --reward rlfree.verifiers:gsm8k_accuracy` and into TRL's `GRPOTrainer` unchanged.
+plug into `rlfree score --reward rlfree.rewards.verifiers:gsm8k_accuracy` and into TRL's `GRPOTrainer` unchanged.
 Completions may be plain strings or TRL conversational completions (a list of message dicts: the last message's
 `content` is read).
 
@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from .errors import StageInputError
+from ..errors import StageInputError
 
 # A number: thousands groups (1,234,567) or plain digits, an optional decimal part; or a bare decimal (.5).
 # A leading minus counts only when it is not a binary minus (not right after a digit, letter or closing bracket).
@@ -156,8 +156,8 @@ def gsm8k_format(prompts, completions, **kwargs) -> list[float]:
     """0.1 when the completion ends on an explicit final answer: a `#### N` line or a `\\boxed{N}`, else 0.0.
 
     "Ends on" means the marker is in the last non-empty line, so a `####` in the middle of a rambling completion earns
-    nothing. Add it to the accuracy reward to teach the answer format (`--reward rlfree.verifiers:gsm8k_accuracy
-    --reward rlfree.verifiers:gsm8k_format`); it is small so that it never outweighs a correct answer.
+    nothing. Add it to the accuracy reward to teach the answer format (`--reward rlfree.rewards.verifiers:gsm8k_accuracy
+    --reward rlfree.rewards.verifiers:gsm8k_format`); it is small so that it never outweighs a correct answer.
     """
     rewards = []
     for completion in completions:

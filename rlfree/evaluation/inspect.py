@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from datasets import Dataset, Value
 
-from .data import load_stage, read_sidecars
-from .errors import StageInputError
-from .weighting import WeightConfig, beta_sweep, diagnostics, format_rows
+from ..data import load_stage, read_sidecars
+from ..errors import StageInputError
+from ..stages.weight import WeightConfig, beta_sweep, format_rows
+from ..weights import diagnostics
 
 MIN_MEDIAN_MAX = ("min", "median", "max")
 STATISTICS: dict[str, Callable[[np.ndarray], float]] = {

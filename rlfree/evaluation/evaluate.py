@@ -13,110 +13,86 @@ This needs sampling from pi_theta itself, so with --ref_model the temperature mu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import Dataset
 
-from .data import process_state
-from .errors import StageInputError, check_finite
-from .generation import GenerateConfig, generate, long_prompts_field
-from .inspection import PromptGroups, format_number, format_table, read_columns, save_plot
-from .rewards import ScoreConfig, reward_functions_field, reward_models_field, score
-from .weighting import format_rows
+from ..data import process_state
+from ..errors import StageInputError
+from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
+from ..stages.generate import GenerateConfig, generate
+from ..stages.score import ScoreConfig, score
+from ..stages.weight import format_rows
+from .inspect import PromptGroups, format_number, format_table, read_columns, save_plot
+
+
+@dataclass(kw_only=True)
+class BootstrapOptions(Options):
+    """Confidence intervals: a percentile bootstrap over prompts."""
+
+    confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
+    num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.confidence < 1:
+            raise StageInputError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.num_bootstrap < 1:
+            raise StageInputError(f"--num_bootstrap must be >= 1, got {self.num_bootstrap}")
+
+
+@dataclass(kw_only=True)
+class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptOptions, LoadOptions):
+    """What `evaluate` and `ab` share: prompts, reward, sampler, the reference and the intervals."""
+
+    num_samples: int = field(default=4, metadata={"help": "Completions sampled per prompt and model."})
+    ref_model: str | None = field(
+        default=None,
+        metadata={"help": "Reference model pi_ref: report KL(model || pi_ref) from the model's samples (k1 and k3)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ref_model is not None and not self.is_plain:
+            raise StageInputError(
+                f"--temperature {self.temperature}, --top_k {self.top_k}, --top_p {self.top_p} with --ref_model: the "
+                "KL estimate needs samples from the model itself (temperature 1, no top-k/top-p); drop --ref_model "
+                "to evaluate a tempered or truncated sampler"
+            )
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ComparisonOptions):
     """Settings of `rlfree evaluate`."""
 
     model_name_or_path: str = field(metadata={"help": "Model evaluated (pi_theta): a local folder or a Hub id."})
-    prompts: str = field(
-        metadata={
-            "help": "JSONL/JSON/Parquet/CSV file, save_to_disk folder or Hub id with a 'prompt' or 'messages' column."
-        }
-    )
+    prompts: str = prompts_field()
     output_dir: str = field(metadata={"help": "Where samples/, scored/ and evaluation.json are written."})
-    reward: list[str] = reward_functions_field()
-    reward_model: list[str] = reward_models_field()
-    ref_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reference model pi_ref: report KL(pi_theta || pi_ref) from the model's samples (k1 and k3)."
-        },
-    )
-    num_samples: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature; must be 1 with --ref_model (the KL is of pi_theta)."}
-    )
-    batch_size: int = field(default=64, metadata={"help": "Sequences generated or scored per batch."})
-    seed: int = field(default=42, metadata={"help": "Seed of the sampler and of the bootstrap."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
-    long_prompts: str = long_prompts_field()
-    confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
-    num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
-
-    def __post_init__(self):
-        check_finite(self)
-        if not self.reward and not self.reward_model:
-            raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
-        if self.ref_model is not None and self.temperature != 1.0:
-            raise StageInputError(
-                f"--temperature {self.temperature} with --ref_model: the KL estimate needs samples from the model "
-                "itself (temperature 1); drop --ref_model to evaluate a tempered sampler"
-            )
-        check_interval(self.confidence, self.num_bootstrap)
 
 
 @dataclass
-class ABConfig:
-    """Settings of `rlfree ab`: the same prompts, sampler and reward for two models."""
+class ABConfig(ComparisonOptions):
+    """Settings of `rlfree ab`: the same prompts, sampler and reward for two models (seed: A's; B uses seed + 1)."""
 
     model_a: str = field(metadata={"help": "Model A: a local folder or a Hub id."})
     model_b: str = field(metadata={"help": "Model B: a local folder or a Hub id."})
-    prompts: str = field(metadata={"help": "Prompt set, as for `rlfree evaluate`."})
+    prompts: str = prompts_field()
     output_dir: str = field(metadata={"help": "Where a/, b/, ab.json, ab.md and ab.png are written."})
-    reward: list[str] = reward_functions_field()
-    reward_model: list[str] = reward_models_field()
-    ref_model: str | None = field(
-        default=None, metadata={"help": "pi_ref: report KL(A || pi_ref) and KL(B || pi_ref)."}
-    )
-    num_samples: int = field(default=4, metadata={"help": "Completions per prompt and model (K): K×K pairs compared."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion."})
-    batch_size: int = field(default=64, metadata={"help": "Sequences generated or scored per batch."})
-    seed: int = field(default=42, metadata={"help": "Seed of A's sampler (B uses seed + 1) and of the bootstrap."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
-    long_prompts: str = long_prompts_field()
-    num_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the prompts."})
-    confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap confidence intervals."})
-
-    def __post_init__(self):
-        check_finite(self)
-        if not self.reward and not self.reward_model:
-            raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
-        check_interval(self.confidence, self.num_bootstrap)
 
     def side(self, name: str) -> EvaluateConfig:
-        """The evaluation of one side, in output_dir/a or output_dir/b, at temperature 1.
+        """The evaluation of one side, in output_dir/a or output_dir/b.
 
         The sides get different seeds: one random stream would couple a_i with b_i and bias the K×K comparison.
         """
-        shared = {f.name: getattr(self, f.name) for f in fields(EvaluateConfig) if hasattr(self, f.name)}
+        shared = options_of(ComparisonOptions, self) | {"prompts": self.prompts}
         model = self.model_a if name == "a" else self.model_b
         seed = self.seed if name == "a" else self.seed + 1
         return EvaluateConfig(
             **shared | {"model_name_or_path": model, "output_dir": str(Path(self.output_dir) / name), "seed": seed}
         )
-
-
-def check_interval(confidence: float, num_bootstrap: int) -> None:
-    if not 0 < confidence < 1:
-        raise StageInputError(f"--confidence must be in (0, 1), got {confidence}")
-    if num_bootstrap < 1:
-        raise StageInputError(f"--num_bootstrap must be >= 1, got {num_bootstrap}")
 
 
 # --- statistics ------------------------------------------------------------------------------------------------------
@@ -190,29 +166,23 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
 
 
 def sample_and_score(config: EvaluateConfig) -> Dataset:
-    """Generate from the model at its own distribution (no top-k/top-p) into samples/, then score into scored/."""
+    """Generate from the model with the sampler flags into samples/, then score into scored/."""
     output = Path(config.output_dir)
     generate(
         GenerateConfig(
+            **options_of(LoadOptions, config) | options_of(PromptOptions, config) | options_of(SamplerOptions, config),
             model_name_or_path=config.model_name_or_path,
             prompts=config.prompts,
             output_dir=str(output / "samples"),
             ref_model=config.ref_model,
             num_samples=config.num_samples,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            dtype=config.dtype,
-            long_prompts=config.long_prompts,
         )
     )
     return score(
         ScoreConfig(
+            **options_of(RewardOptions, config),
             input_dir=str(output / "samples"),
             output_dir=str(output / "scored"),
-            reward=config.reward,
-            reward_model=config.reward_model,
             batch_size=config.batch_size,
         )
     )

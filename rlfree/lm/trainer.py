@@ -1,4 +1,4 @@
-"""Stage 4: weighted maximum likelihood, as a small `transformers.Trainer` subclass.
+"""Weighted maximum likelihood for causal LMs: a config dataclass beside a small `transformers.Trainer` subclass.
 
     loss(theta) = - sum_q sum_i w_i * sum_t log pi_theta(o_i,t | q, o_i,<t)
 
@@ -12,58 +12,25 @@ mean loss and the usual learning rates apply.
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from .data import changed_settings, check_output_dir, describe_changes, load_stage, read_sidecars
-from .errors import DTYPES, StageInputError, check_choice, check_finite
+from ..data import read_sidecars
+from ..errors import StageInputError, check_finite
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
-    default_device,
     flatten_prompt_completion,
-    load_tokenizer,
     model_completion_logprobs,
     pad_prompt_completion,
-    resolve_dtype,
 )
-from .sources import load_model_config
-
-logger = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "weight")
 # Samplers of TrainingArguments.train_sampling_strategy that read each row's length from `length_column_name`.
 LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
-# Written into --output_dir when a run starts and removed when training.json marks it finished.
-IN_PROGRESS = ".rlfree-training-in-progress.json"
-
-
-@dataclass
-class ModelConfig:
-    """Which model to train, and how (full fine-tuning or LoRA)."""
-
-    model_name_or_path: str = field(metadata={"help": "Model to train (usually pi_ref): local folder or Hub id."})
-    dtype: str = field(default="auto", metadata={"help": "Load dtype: auto, bfloat16, float16 or float32."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get LoRA adapters."}
-    )
-    merge_lora: bool = field(
-        default=False, metadata={"help": "Save the LoRA-merged full model instead of the adapter alone."}
-    )
-
-    def __post_init__(self):
-        check_finite(self)
-        check_choice("--dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -288,110 +255,3 @@ def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: Traini
         f'model = AutoModelForCausalLM.from_pretrained("{Path(args.output_dir).name}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{Path(args.output_dir).name}")\n```\n'
     )
-
-
-def build_model(model_config: ModelConfig):
-    """Load the model to train and, with --use_peft, wrap it in a LoRA adapter."""
-    model = AutoModelForCausalLM.from_pretrained(
-        model_config.model_name_or_path,
-        dtype=resolve_dtype(model_config.dtype, default_device()),
-        trust_remote_code=model_config.trust_remote_code,
-    )
-    if model_config.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        target = model_config.lora_target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=model_config.lora_r,
-                lora_alpha=model_config.lora_alpha,
-                lora_dropout=model_config.lora_dropout,
-                target_modules=target[0] if target == ["all-linear"] else target,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model
-
-
-def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
-    """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
-    output = Path(args.output_dir).expanduser()
-    settings = training_settings(model_config, args)
-    # A folder an interrupted run left (its in-progress marker, or its checkpoints) is this stage's own: the run
-    # starts again there, or resumes from a checkpoint with --resume_from_checkpoint.
-    interrupted = (output / IN_PROGRESS).is_file() or any(output.glob("checkpoint-*"))
-    inputs = {"--dataset_dir": args.dataset_dir, "--model_name_or_path": model_config.model_name_or_path}
-    check_output_dir(args.output_dir, "training", settings, inputs, allow_unfinished=interrupted)
-    if args.resume_from_checkpoint is None and any(output.glob("checkpoint-*")):
-        # Starting over would write new checkpoints beside the old ones, and a later `last` could pick an old one.
-        raise StageInputError(
-            f"--output_dir {output} holds checkpoints of an earlier run: resume from them with --resume_from_checkpoint "
-            "last, or delete them to start over"
-        )
-    if args.resume_from_checkpoint is not None and (output / IN_PROGRESS).is_file():
-        different = changed_settings(json.loads((output / IN_PROGRESS).read_text()), settings)
-        if different:
-            raise StageInputError(
-                f"--resume_from_checkpoint: the checkpoints in {output} come from a run with other settings "
-                f"({describe_changes(different)}); resume with those settings, or train into a new --output_dir"
-            )
-    load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
-    dataset = load_stage(
-        args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.", flag="--dataset_dir"
-    )
-    tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
-    trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
-    sharded = trainer.is_fsdp_enabled or (
-        trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    )
-    if model_config.use_peft and model_config.merge_lora and sharded:
-        raise StageInputError(
-            "--merge_lora needs the full weights in one place, but ZeRO-3/FSDP shards them: save the adapter (drop "
-            "--merge_lora) and merge it offline with peft, or train LoRA with ZeRO-2 or DDP"
-        )
-    finished_marker = output / "training.json"
-    record = json.dumps(settings, indent=2, default=str) + "\n"
-    if trainer.is_world_process_zero():
-        finished_marker.unlink(missing_ok=True)  # an earlier run's marker must not vouch for this run's files
-        output.mkdir(parents=True, exist_ok=True)
-        (output / IN_PROGRESS).write_text(record)
-    trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
-    if model_config.use_peft and model_config.merge_lora:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        if trainer.is_world_process_zero():
-            merged.save_pretrained(args.output_dir)
-            tokenizer.save_pretrained(args.output_dir)
-    else:
-        trainer.save_model(args.output_dir)
-    trainer.create_model_card()
-    if trainer.is_world_process_zero():
-        # Written last: a model folder holding training.json is complete (`rlfree run` skips it on a re-run).
-        finished_marker.write_text(record)
-        (output / IN_PROGRESS).unlink()
-    return trainer
-
-
-def checkpoint_to_resume(args: RLFreeConfig) -> str | None:
-    """`--resume_from_checkpoint last` means the newest checkpoint in `--output_dir`, if there is one."""
-    if args.resume_from_checkpoint != "last":
-        return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if last is None:
-        logger.warning("--resume_from_checkpoint last: no checkpoint in %s yet, starting from step 0", args.output_dir)
-    return last
-
-
-def training_settings(model_config: ModelConfig, args: RLFreeConfig) -> dict:
-    """What a finished training run records about itself: the model settings and the flags that shape the result."""
-    names = (
-        "dataset_dir",
-        "learning_rate",
-        "num_train_epochs",
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "train_sampling_strategy",
-        "seed",
-    )
-    return asdict(model_config) | {name: getattr(args, name) for name in names}

@@ -1,0 +1,66 @@
+"""Sampling backends: one seam for "draw completions for (prompt, sample index, seed)".
+
+A backend only draws. It never decides log pi_ref: `ref_logprob` always comes from the same teacher-forced
+computation the trainer maximizes (`rlfree.lm.generation`). A backend that knows the log-probability of the
+distribution it actually sampled from (its temperature/top-k/top-p, its kernels, its dtype) reports it per token, and
+the weights then correct exactly for every difference between engine and trainer; a backend that does not (None) gets
+it teacher-forced. Samples depend only on (seed, prompt index, sample index), never on batching.
+
+A new backend is one module here plus one entry in `BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ...options import SamplerOptions
+
+
+@dataclass
+class BackendModel:
+    """The model a backend samples from: where it is, and the transformers copy the stage already loads.
+
+    The HF backend samples with `load()` (the same weights the teacher-forced pass reads); an engine loads `path`
+    itself.
+    """
+
+    path: str
+    dtype: str
+    trust_remote_code: bool
+    load: Callable[[], Any]
+
+
+@dataclass
+class Draw:
+    """One sampled completion, as the backend produced it."""
+
+    prompt_index: int
+    sample_index: int
+    completion_ids: list[int]  # ends with the EOS id when finish_reason == "stop"
+    finish_reason: str  # "stop" (an EOS was sampled) or "length" (cut at max_new_tokens)
+    proposal_token_logprobs: list[float] | None = None  # the engine's own log p of each token; None: teacher-forced
+
+
+class SamplingBackend(Protocol):
+    """What the stages call; `close` frees the engine (and its processes), also after an error."""
+
+    name: str
+
+    def draw(self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int) -> list[Draw]:
+        """`num_samples` completions for every prompt (keyed by prompt index), in (prompt, sample) order."""
+
+    def close(self) -> None: ...
+
+
+# name -> "module:class"; imported only when chosen, so `hf` never imports vLLM.
+BACKENDS = {"hf": "rlfree.lm.backends.hf:HFBackend", "vllm": "rlfree.lm.backends.vllm:VLLMBackend"}
+
+
+def load_backend(model: BackendModel, sampler: SamplerOptions, eos_token_ids: list[int]) -> SamplingBackend:
+    """The backend `sampler.backend`, constructed for this model and these sampler settings."""
+    module_name, class_name = BACKENDS[sampler.backend].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(model, sampler, eos_token_ids)

@@ -1,0 +1,216 @@
+"""From prompts to draws to rows: rendering prompts, fitting them to the context, and the teacher-forced pass.
+
+Whatever backend drew a completion, `ref_logprob` is log pi_ref(o|q) read here by the same teacher-forced computation
+the trainer maximizes (full softmax, temperature 1). `proposal_logprob` is the engine's own log-probability of what it
+drew when the backend reports one, and otherwise the teacher-forced log-probability under the sampler's warpers.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import StageInputError
+from ..options import SamplerOptions
+from ..sources import context_length, load_model_config
+from .backends import Draw
+from .backends.hf import sampler_processors
+from .modeling import eos_token_ids, model_completion_logprobs, pad_prompt_completion
+
+# Per-token |log p_engine - log pi_ref| above this, on average, is worth a warning: the weights still correct for it,
+# but they spread (a mean gap g per token moves a T-token sequence's log-weight by about g·T).
+ENGINE_GAP_WARNING = 0.05
+
+
+def render_prompts(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[list[int]]]:
+    """Prompt text and ids: `prompt` tokenized as is, or `messages` rendered with the chat template."""
+    if "messages" in dataset.column_names:
+        if tokenizer.chat_template is None:
+            raise StageInputError("the prompts have a 'messages' column but the tokenizer has no chat template")
+        texts = [
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            for messages in dataset["messages"]
+        ]
+        # The template already holds any BOS token; adding special tokens again would double it.
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    else:
+        texts = list(dataset["prompt"])
+        ids = [tokenizer(text)["input_ids"] for text in texts]
+    for index, prompt_ids in enumerate(ids):
+        if not prompt_ids:
+            raise StageInputError(f"prompt {index} tokenizes to nothing; remove empty prompts from --prompts")
+    return texts, ids
+
+
+def check_same_tokens(
+    proposal_path: str,
+    proposal_model: PreTrainedModel,
+    proposal_tokenizer: PreTrainedTokenizerBase,
+    ref_path: str,
+    ref_model: PreTrainedModel,
+    ref_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The proposal's ids must mean the same tokens to pi_ref, and both must stop on the same EOS ids.
+
+    Otherwise log pi_ref would be read for different text, or over completions pi_ref never ends that way.
+    """
+    proposal_vocab, ref_vocab = proposal_tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if proposal_vocab != ref_vocab:
+        differing = sorted(
+            token
+            for token in proposal_vocab.keys() | ref_vocab.keys()
+            if proposal_vocab.get(token) != ref_vocab.get(token)
+        )
+        raise StageInputError(
+            f"--model_name_or_path {proposal_path} and --ref_model {ref_path} have different vocabularies "
+            f"({len(proposal_vocab)} vs {len(ref_vocab)} tokens; {len(differing)} differ, e.g. {differing[:5]}): "
+            "the proposal must use pi_ref's tokenizer"
+        )
+    proposal_eos = eos_token_ids(proposal_model, proposal_tokenizer)
+    ref_eos = eos_token_ids(ref_model, ref_tokenizer)
+    if proposal_eos != ref_eos:
+        raise StageInputError(
+            f"--model_name_or_path {proposal_path} stops on EOS ids {proposal_eos} but --ref_model {ref_path} on "
+            f"{ref_eos}: set the same eos_token_id in both generation configs"
+        )
+
+
+def model_context(paths: dict[str, str | None], trust_remote_code: bool) -> tuple[int, str] | None:
+    """The context of the model(s) sampled and scored ({flag: path}), checked up front: the smallest one."""
+    contexts = [
+        context_length(load_model_config(flag, path, trust_remote_code)) for flag, path in paths.items() if path
+    ]
+    return min((context for context in contexts if context is not None), default=None)
+
+
+def fit_to_context(
+    prompt_ids: list[list[int]],
+    sampler: SamplerOptions,
+    context: tuple[int, str] | None,
+    bos_token_id: int | None,
+) -> tuple[list[int], list[int]]:
+    """Check that every prompt leaves room for --max_new_tokens in the model's context, before anything is created.
+
+    Past its context a model either fails (GPT-2's position table: an IndexError) or silently reads positions it was
+    never trained on (rotary models). Returns (indices of the prompts to sample, indices of the prompts cut); with
+    `--long_prompts truncate` the over-long prompts are cut in place to their last tokens (after a leading BOS, kept),
+    which sit next to the completion.
+    """
+    everything = list(range(len(prompt_ids)))
+    if context is None:
+        return everything, []
+    positions, name = context
+    if sampler.max_new_tokens >= positions:
+        raise StageInputError(
+            f"--max_new_tokens {sampler.max_new_tokens} leaves no room for a prompt: the model attends over "
+            f"{positions} positions ({name})"
+        )
+    room = positions - sampler.max_new_tokens
+    too_long = [index for index, ids in enumerate(prompt_ids) if len(ids) > room]
+    if too_long and sampler.long_prompts == "error":
+        first = too_long[0]
+        raise StageInputError(
+            f"prompt {first} has {len(prompt_ids[first])} tokens, but the model attends over {positions} positions "
+            f"({name}) and --max_new_tokens {sampler.max_new_tokens} leaves room for {room}; {len(too_long)} "
+            f"prompt(s) are too long (indices {too_long[:10]}{' ...' if len(too_long) > 10 else ''}). Shorten them, "
+            "lower --max_new_tokens, or pass --long_prompts skip (leave them out) or truncate (keep their last tokens)"
+        )
+    if sampler.long_prompts == "skip":
+        return sorted(set(everything) - set(too_long)), []
+    for index in too_long:
+        ids = prompt_ids[index]
+        keep_bos = bos_token_id is not None and ids[0] == bos_token_id
+        prompt_ids[index] = ids[:1] + ids[len(ids) - room + 1 :] if keep_bos else ids[-room:]
+    return everything, too_long
+
+
+def summarize_engine_gap(dataset: Dataset) -> tuple[Dataset, dict]:
+    """The run's engine/trainer mismatch from the per-row columns the shards carry, which are then dropped."""
+    if "engine_gap_sum" not in dataset.column_names:
+        return dataset, {}
+    tokens = sum(dataset["num_tokens"])
+    gap = {
+        "engine_gap_mean": sum(dataset["engine_gap_sum"]) / max(tokens, 1),
+        "engine_gap_max": max(dataset["engine_gap_max"], default=0.0),
+        "engine_gap_tokens": tokens,
+    }
+    return dataset.remove_columns(["engine_gap_sum", "engine_gap_max"]), {"engine_mismatch": gap}
+
+
+def engine_gap_warning(record: dict) -> str | None:
+    gap = record.get("engine_mismatch")
+    if not gap or gap["engine_gap_mean"] <= ENGINE_GAP_WARNING:
+        return None
+    return (
+        f"the sampling engine's log-probabilities differ from the teacher-forced pi_ref's by {gap['engine_gap_mean']:.3g} "
+        f"per token on average (max {gap['engine_gap_max']:.3g}): the weights correct for it exactly, but they spread; "
+        "a higher-precision --dtype for the engine narrows it"
+    )
+
+
+@torch.no_grad()
+def teacher_forced(
+    draws: list[Draw],
+    prompt_ids: dict[int, list[int]],
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel | None,
+    sampler: SamplerOptions,
+    pad_token_id: int,
+) -> list[dict]:
+    """One row per draw with `ref_logprob` and `proposal_logprob`, in batches of `sampler.batch_size`.
+
+    `model` is the model sampled from; `ref_model` is pi_ref when that is another model. When the backend reported the
+    engine's own log-probabilities they are the proposal's, and where the engine sampled pi_ref's own softmax (no
+    `ref_model`, temperature 1, no top-k/top-p) each row also records its per-token gap to the teacher-forced
+    log-probabilities (`engine_gap_sum`, `engine_gap_max`), which the stage summarizes and drops.
+    """
+    warpers = sampler_processors(sampler.temperature, sampler.top_k, sampler.top_p)
+    scorer = ref_model if ref_model is not None else model
+    rows = []
+    for start in range(0, len(draws), sampler.batch_size):
+        batch = draws[start : start + sampler.batch_size]
+        prompts = [prompt_ids[draw.prompt_index] for draw in batch]
+        completions = [draw.completion_ids for draw in batch]
+        tensors = pad_prompt_completion(prompts, completions, pad_token_id)
+        tensors = {key: value.to(model.device) for key, value in tensors.items()}
+        # Teacher-forced, in bounded memory: logits of a chunk of completion positions at a time.
+        inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["completion_mask"])
+        lengths = [len(completion) for completion in completions]
+        gaps = None
+        if batch[0].proposal_token_logprobs is not None:
+            (ref_tokens,) = model_completion_logprobs(scorer, *inputs, per_token=True)
+            ref_logprob = [chunk.sum().item() for chunk in ref_tokens.cpu().split(lengths)]
+            proposal_logprob = [sum(draw.proposal_token_logprobs) for draw in batch]
+            if ref_model is None and sampler.is_plain:
+                engine = torch.tensor([value for draw in batch for value in draw.proposal_token_logprobs])
+                gaps = (engine - ref_tokens.cpu().double()).abs().split(lengths)
+        elif ref_model is None and not warpers:
+            # Sampling from pi_ref itself: one log-softmax gives both (half the teacher-forced pass's lm_head work).
+            (ref_sums,) = model_completion_logprobs(model, *inputs)
+            ref_logprob = proposal_logprob = ref_sums.tolist()
+        elif ref_model is None:
+            ref_sums, proposal_sums = model_completion_logprobs(model, *inputs, (None, warpers))
+            ref_logprob, proposal_logprob = ref_sums.tolist(), proposal_sums.tolist()
+        else:
+            (ref_sums,) = model_completion_logprobs(ref_model, *inputs)
+            (proposal_sums,) = model_completion_logprobs(model, *inputs, (warpers,))
+            ref_logprob, proposal_logprob = ref_sums.tolist(), proposal_sums.tolist()
+        for row, draw in enumerate(batch):
+            rows.append(
+                {
+                    "prompt_index": draw.prompt_index,
+                    "sample_index": draw.sample_index,
+                    "completion_ids": draw.completion_ids,
+                    "ref_logprob": ref_logprob[row],
+                    "proposal_logprob": proposal_logprob[row],
+                    "num_tokens": len(draw.completion_ids),
+                    "finish_reason": draw.finish_reason,
+                }
+                | (
+                    {"engine_gap_sum": gaps[row].sum().item(), "engine_gap_max": gaps[row].max().item()}
+                    if gaps is not None
+                    else {}
+                )
+            )
+    return rows

@@ -1,0 +1,41 @@
+"""Per-sample randomness: a sample depends on (seed, prompt index, sample index) only, never on batching.
+
+`sample_seed` seeds an engine's per-request generator (vLLM). `uniforms` is the HF backend's counter-based noise: one
+uniform per (sample, position), computed for a whole batch at once from the samples' seeds, with no generator state
+to carry between steps and nothing shared between rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for one sample, stable across processes and Python runs (unlike `hash`)."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 (wrapping arithmetic is defined for numpy unsigned integers)."""
+    values = values + np.uint64(0x9E3779B97F4A7C15)
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+def uniforms(sample_seeds: list[int] | np.ndarray, position: int) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per sample for generation step `position`: a pure function of (seed, position).
+
+    53 random bits per value, as numpy's own doubles; the half-step offset keeps 0 out, so an inverse-CDF draw never
+    lands on a token of probability 0.
+    """
+    keys = np.asarray(sample_seeds, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(keys ^ _splitmix64(np.full_like(keys, position & _MASK64)))
+    return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53))

@@ -1,0 +1,183 @@
+"""Option groups several commands share, composed into each command's config by inheritance (never copied).
+
+`HfArgumentParser` turns every field into a flag, so a command's config is its own fields plus the groups it
+inherits: `class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions)`. Each group validates its own fields in
+`__post_init__`; a config that overrides `__post_init__` calls `super().__post_init__()`. The groups are keyword-only,
+so a command's own fields (a plain dataclass) stay positional, in their order, ahead of them:
+`GenerateConfig("model", "prompts.jsonl", "out")` still works. What a command's positional fields mean differs per
+command (the model sampled, evaluated or trained), so each declares them, with the shared help from `*_field()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import DTYPES, StageInputError, check_choice, check_finite
+
+LONG_PROMPTS = ("error", "skip", "truncate")
+BACKEND_NAMES = ("hf", "vllm")
+
+
+@dataclass(kw_only=True)
+class Options:
+    """Base of every option group: the checks that apply to all fields (finite floats)."""
+
+    def __post_init__(self):
+        check_finite(self)
+
+
+def options_of(group: type, config: Any) -> dict[str, Any]:
+    """The values of `group`'s fields in `config`, to hand them on to another command's config."""
+    return {item.name: getattr(config, item.name) for item in fields(group)}
+
+
+@dataclass(kw_only=True)
+class LoadOptions(Options):
+    """How models are loaded."""
+
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("--dtype", self.dtype, DTYPES)
+
+
+def prompts_field() -> Any:
+    """The `--prompts` flag of every command that samples."""
+    return field(
+        metadata={
+            "help": "JSONL/JSON/Parquet/CSV file, save_to_disk folder or Hub id with a 'prompt' or 'messages' column."
+        }
+    )
+
+
+@dataclass(kw_only=True)
+class PromptOptions(Options):
+    """How the prompt set is read."""
+
+    prompts_split: str = field(default="train", metadata={"help": "Split to read when --prompts is a Hub dataset."})
+
+
+@dataclass(kw_only=True)
+class SamplerOptions(Options):
+    """How completions are drawn: the sampler's settings and the backend that runs it."""
+
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Longest completion; longer ones are cut (finish_reason='length')."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; != 1 is corrected for in the weights."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; < 1 is corrected for in the weights."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off); corrected for in the weights."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Sequences generated (or scored) per batch (does not change the samples)."}
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the sampler: each sample's randomness comes from (seed, prompt, sample index)."},
+    )
+    long_prompts: str = field(
+        default="error",
+        metadata={
+            "help": "A prompt that leaves the model's context no room for --max_new_tokens: stop with an error "
+            "naming it (error), leave it out (skip), or keep its last tokens (truncate).",
+            "choices": LONG_PROMPTS,
+        },
+    )
+    backend: str = field(
+        default="hf",
+        metadata={
+            "help": "Sampling engine: hf (transformers generate) or vllm (pip install 'rlfree[vllm]'). One seed gives "
+            "the same samples within a backend, not across backends.",
+            "choices": BACKEND_NAMES,
+        },
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs each engine is split across."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.5,
+        metadata={"help": "vLLM: share of GPU memory the engine may take (the rest serves the teacher-forced pass)."},
+    )
+    vllm_max_model_len: int | None = field(
+        default=None, metadata={"help": "vLLM: longest prompt + completion (default: the model's context)."}
+    )
+    vllm_enable_prefix_caching: bool = field(
+        default=True, metadata={"help": "vLLM: share the KV cache of a prompt across its N samples."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("--long_prompts", self.long_prompts, LONG_PROMPTS)
+        check_choice("--backend", self.backend, BACKEND_NAMES)
+        if self.max_new_tokens < 1:
+            raise StageInputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise StageInputError(f"--temperature must be > 0 (use a small value, not 0), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise StageInputError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise StageInputError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.batch_size < 1:
+            raise StageInputError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise StageInputError(f"--vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise StageInputError(
+                f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}"
+            )
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len <= self.max_new_tokens:
+            raise StageInputError(
+                f"--vllm_max_model_len {self.vllm_max_model_len} leaves no room for a prompt beside "
+                f"--max_new_tokens {self.max_new_tokens}"
+            )
+
+    @property
+    def is_plain(self) -> bool:
+        """Sampling from the model's own softmax: no temperature, top-k or top-p."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+def reward_functions_field() -> Any:
+    """The `--reward` flag, also on its own in commands that take no reward model (the RLOO baseline)."""
+    return field(
+        default_factory=list,
+        metadata={"help": "Reward function(s) as path/to/file.py:FUNC or package.module:FUNC (TRL signature)."},
+    )
+
+
+def split_reward_spec(spec: str) -> tuple[str, str]:
+    """(file or module, function name) of `path/to/file.py:FUNC` or `package.module:FUNC`."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise StageInputError(f"--reward {spec!r}: expected path/to/file.py:FUNC or package.module:FUNC")
+    return target, name
+
+
+@dataclass(kw_only=True)
+class RewardOptions(Options):
+    """The reward: functions with TRL's signature and/or reward models, summed with weights.
+
+    Checked when the flags are parsed, before anything is made: at least one reward, each --reward well formed, one
+    weight per reward.
+    """
+
+    reward: list[str] = reward_functions_field()
+    reward_model: list[str] = field(
+        default_factory=list, metadata={"help": "Sequence-classification reward model(s): local folder or Hub id."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the rewards in the sum, in order: --reward ones, then --reward_model ones."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.reward and not self.reward_model:
+            raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
+        for spec in self.reward:
+            split_reward_spec(spec)
+        count = len(self.reward) + len(self.reward_model)
+        if self.reward_weights is not None and len(self.reward_weights) != count:
+            raise StageInputError(f"--reward_weights has {len(self.reward_weights)} values for {count} rewards")

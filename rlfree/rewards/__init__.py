@@ -1,0 +1,1 @@
+"""Rewards: functions with TRL's signature, reward models (`scoring`), and verifiers for math answers."""

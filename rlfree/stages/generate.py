@@ -1,0 +1,152 @@
+"""Stage 1: sample N completions per prompt and record their exact log-probabilities.
+
+`ref_logprob` is log pi_ref(o|q) from the model's full softmax at temperature 1, read in a teacher-forced pass over
+the exact generated ids; `proposal_logprob` is log p(o|q) of the sampler actually used (temperature, top-k, top-p, the
+engine's own numerics with `--backend vllm`, and with `--ref_model` another model altogether). The weighting stage
+corrects for the difference, so sampling from any proposal still targets pi_ref.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset
+
+from ..data import check_output_dir, folder_stamp, load_prompts, process_state, read_sidecars, run_in_shards
+from ..errors import StageInputError
+from ..lm.backends import BackendModel, SamplingBackend, load_backend
+from ..lm.generation import (
+    check_same_tokens,
+    engine_gap_warning,
+    fit_to_context,
+    model_context,
+    render_prompts,
+    summarize_engine_gap,
+    teacher_forced,
+)
+from ..lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
+from ..options import LoadOptions, PromptOptions, SamplerOptions, prompts_field
+
+
+@dataclass
+class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
+    """Settings of `rlfree generate`."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Model sampled from, a local folder or a Hub id: pi_ref itself unless --ref_model is set."}
+    )
+    prompts: str = prompts_field()
+    output_dir: str = field(metadata={"help": "Where the generated dataset is written (save_to_disk layout)."})
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model pi_ref when sampling from another model; --model_name_or_path is then the "
+            "proposal and needs the same tokenizer. Default: the sampled model is pi_ref."
+        },
+    )
+    num_samples: int = field(default=8, metadata={"help": "Completions sampled per prompt (N)."})
+    shard_size: int = field(
+        default=64,
+        metadata={"help": "Prompts per shard: the unit written at once, split across processes and resumed."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_samples < 1:
+            raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.shard_size < 1:
+            raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
+
+
+def generate(config: GenerateConfig) -> Dataset:
+    """Run the generation stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run.
+
+    Every sample's randomness comes from (seed, prompt index, sample index), so the dataset is the same whatever the
+    batch size, the shard size or the number of processes, and a resumed run equals an uninterrupted one.
+    """
+    state = process_state()
+    prompt_rows = load_prompts(config.prompts, config.prompts_split)
+    paths = {"--model_name_or_path": config.model_name_or_path, "--ref_model": config.ref_model}
+    context = model_context(paths, config.trust_remote_code)
+    # pi_ref defines the task: its tokenizer (and chat template) renders the prompts.
+    tokenizer_source = config.ref_model or config.model_name_or_path
+    try:
+        tokenizer = load_tokenizer(tokenizer_source, config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise StageInputError(f"{tokenizer_source}: cannot load the tokenizer ({error})") from None
+    texts, prompt_ids = render_prompts(prompt_rows, tokenizer)
+    sampled, cut = fit_to_context(prompt_ids, config, context, tokenizer.bos_token_id)
+    for index in cut:
+        texts[index] = tokenizer.decode(prompt_ids[index])
+    extra_columns = [name for name in prompt_rows.column_names if name != "prompt"]
+    extras = prompt_rows.select_columns(extra_columns).to_list() if extra_columns else [{}] * len(texts)
+
+    stamps = {"model_stamp": folder_stamp(config.model_name_or_path)}
+    if config.ref_model is not None:
+        stamps["ref_model_stamp"] = folder_stamp(config.ref_model)
+    settings = asdict(config) | {"num_prompts": len(texts)} | stamps
+    check_output_dir(config.output_dir, "generation", asdict(config), paths | {"--prompts": config.prompts})
+    if state.is_main_process and len(sampled) < len(texts):
+        print(f"--long_prompts skip: left out {len(texts) - len(sampled)} prompt(s) too long for the context")
+    if state.is_main_process and cut:
+        print(f"--long_prompts truncate: kept the last tokens of {len(cut)} prompt(s) too long for the context")
+
+    @functools.cache
+    def models() -> tuple:
+        """Loaded on the first shard this process writes: a finished run loads nothing."""
+        model = load_causal_lm(config.model_name_or_path, config.dtype, config.trust_remote_code, state.device)
+        if config.ref_model is None:
+            return model, None
+        ref_model = load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code, state.device)
+        proposal_tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+        check_same_tokens(config.model_name_or_path, model, proposal_tokenizer, config.ref_model, ref_model, tokenizer)
+        return model, ref_model
+
+    @functools.cache
+    def backend() -> SamplingBackend:
+        """The engine, started on the first shard this process writes and closed when the stage ends."""
+        model = BackendModel(config.model_name_or_path, config.dtype, config.trust_remote_code, lambda: models()[0])
+        return load_backend(model, config, eos_token_ids(models()[0], tokenizer))
+
+    def make_shard(positions: range) -> Dataset:
+        model, ref_model = models()
+        shard_prompts = {sampled[position]: prompt_ids[sampled[position]] for position in positions}
+        draws = backend().draw(shard_prompts, config.num_samples, config.seed)
+        rows = []
+        for sample in teacher_forced(draws, shard_prompts, model, ref_model, config, tokenizer.pad_token_id):
+            index = sample["prompt_index"]
+            rows.append(
+                {
+                    "prompt": texts[index],
+                    "prompt_index": index,
+                    "sample_index": sample["sample_index"],
+                    "completion": tokenizer.decode(sample["completion_ids"], skip_special_tokens=True),
+                    "prompt_ids": prompt_ids[index],
+                    **sample,
+                    **extras[index],
+                }
+            )
+        return Dataset.from_list(rows)
+
+    try:
+        dataset = run_in_shards(
+            config.output_dir,
+            "generation",
+            settings,
+            len(sampled),
+            config.shard_size,
+            make_shard,
+            finish=summarize_engine_gap,
+        )
+    finally:
+        if backend.cache_info().currsize:
+            backend().close()
+    warning = engine_gap_warning(read_sidecars(config.output_dir)["generation"]) if state.is_main_process else None
+    if warning:
+        print(f"warning: {warning}")
+    return dataset
+
+
+def generate_command(config: GenerateConfig) -> str:
+    return f"wrote {len(generate(config))} completions to {config.output_dir}"

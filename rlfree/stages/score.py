@@ -1,0 +1,99 @@
+"""Stage 2: score every completion with reward functions (TRL signature) and/or reward models."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset
+
+from ..data import check_output_dir, load_stage, process_state, run_in_shards
+from ..errors import StageInputError
+from ..options import RewardOptions
+from ..rewards.scoring import RewardFunction, RewardModel, load_reward_function, reward_fingerprints, score_dataset
+from ..sources import load_model_config
+
+
+@dataclass
+class ScoreConfig(RewardOptions):
+    """Settings of `rlfree score`."""
+
+    input_dir: str = field(metadata={"help": "Output folder of `rlfree generate`."})
+    output_dir: str = field(metadata={"help": "Where the scored dataset is written."})
+    drop_invalid_rewards: bool = field(
+        default=False,
+        metadata={"help": "Drop rows whose reward is NaN/inf/None instead of stopping with an error."},
+    )
+    batch_size: int = field(default=64, metadata={"help": "Completions scored per call."})
+    shard_size: int = field(
+        default=1024,
+        metadata={"help": "Completions per shard: the unit written at once, split across processes and resumed."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom reward-model code from the Hub."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shard_size < 1:
+            raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
+
+
+def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
+    """Stop on a NaN/inf/None reward naming the row, or drop such rows and say how many."""
+    bad = [row for row, value in enumerate(dataset["reward"]) if not math.isfinite(value)]
+    if not bad:
+        return dataset
+    if not drop_invalid:
+        first = dataset[bad[0]]
+        raise StageInputError(
+            f"reward is NaN/inf/None for {len(bad)} row(s); first: row {bad[0]} (prompt_index "
+            f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
+            f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
+        )
+    if len(bad) == len(dataset):
+        raise StageInputError(f"every one of the {len(dataset)} rewards is NaN/inf/None: nothing is left to weight")
+    print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
+    keep = sorted(set(range(len(dataset))) - set(bad))
+    return dataset.select(keep)
+
+
+def score(config: ScoreConfig) -> Dataset:
+    """Run the scoring stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run."""
+    state = process_state()
+    dataset = load_stage(config.input_dir, ("prompt", "completion"), hint="Score the output of `rlfree generate`.")
+    reward_functions = [load_reward_function(spec) for spec in config.reward]
+    for path in config.reward_model:
+        load_model_config("--reward_model", path, config.trust_remote_code)
+    # The input's fingerprint ties unfinished shards to the data they scored, the rewards' to the code that scored
+    # them: a regenerated input or an edited reward function starts over.
+    settings = asdict(config) | {
+        "input_fingerprint": dataset._fingerprint,
+        "reward_fingerprints": reward_fingerprints(config),
+    }
+    check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
+
+    @functools.cache
+    def functions() -> list[RewardFunction]:
+        """Loaded on the first shard this process scores: a finished run loads no reward model."""
+        return reward_functions + [
+            RewardModel(path, config.trust_remote_code, state.device) for path in config.reward_model
+        ]
+
+    def make_shard(rows: range) -> Dataset:
+        return score_dataset(dataset.select(rows), functions(), config.reward_weights, config.batch_size, rows.start)
+
+    return run_in_shards(
+        config.output_dir,
+        "scoring",
+        settings,
+        len(dataset),
+        config.shard_size,
+        make_shard,
+        input_dir=config.input_dir,
+        finish=lambda scored: (check_rewards(scored, config.drop_invalid_rewards), {}),
+        finish_only=("drop_invalid_rewards",),
+    )
+
+
+def score_command(config: ScoreConfig) -> str:
+    return f"wrote {len(score(config))} scored completions to {config.output_dir}"
