@@ -106,6 +106,10 @@ class SamplerOptions(Options):
     vllm_enable_prefix_caching: bool = field(
         default=True, metadata={"help": "vLLM: share the KV cache of a prompt across its N samples."}
     )
+    vllm_enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "vLLM: skip torch.compile and CUDA graphs (starts in a third of the time; slower on GPU)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -191,6 +191,11 @@ def summarize(
         reward_columns = ["reward"] + [name for name in columns if name.startswith("reward_")]
         report["rewards"] = {name: describe(columns[name], ("mean", "std", "min", "max")) for name in reward_columns}
         report["share_prompts_equal_rewards"] = float(groups.all_equal(columns["reward"]).mean())
+    generation = sidecars.get("generation", {})
+    if "backend" in generation:
+        report["backend"] = generation["backend"]
+    if generation.get("engine_mismatch"):
+        report["engine_mismatch"] = generation["engine_mismatch"]
     if "weighting" in sidecars:
         report["weighting"] = weighting_settings(sidecars["weighting"])
     if "weight" in columns:
@@ -353,6 +358,17 @@ def format_report(report: dict[str, Any]) -> str:
     if "finish_reasons" in report:
         reasons = report["finish_reasons"].items()
         rows.append(("finish reasons", ", ".join(f"{name} {n['count']} ({n['share']:.1%})" for name, n in reasons)))
+    if "backend" in report:
+        rows.append(("sampling backend", report["backend"]))
+    if "engine_mismatch" in report:
+        gap = report["engine_mismatch"]
+        rows.append(
+            (
+                "engine vs pi_ref, per token",
+                f"|log p_engine - log pi_ref| mean {gap['engine_gap_mean']:.3g}, max {gap['engine_gap_max']:.3g} "
+                f"({gap['engine_gap_tokens']} tokens; the weights correct for it)",
+            )
+        )
     rows += [statistics_row(name, statistics) for name, statistics in report.get("rewards", {}).items()]
     if "share_prompts_equal_rewards" in report:
         share = report["share_prompts_equal_rewards"]

@@ -80,13 +80,14 @@ def _wrong_answer(correct: int, rng: random.Random) -> int:
 
 
 def build_reference_model(
-    seed: int = 0, train_steps: int = 300, correct_fraction: float = 0.5
+    seed: int = 0, train_steps: int = 300, correct_fraction: float = 0.5, num_attention_heads: int = 4
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A tiny Llama trained briefly on noisy sums, so pi_ref is meaningful but imperfect and spread out.
 
     Each training answer is correct with probability `correct_fraction` and a plausible wrong answer
     otherwise, so the model puts real mass on several answers; after the short training its exact accuracy
     is a little below `correct_fraction` (about 0.4-0.45 for 0.5), with the correct answer still the mode.
+    `num_attention_heads=2` gives heads of 32 dimensions, the least vLLM's CPU attention runs.
     """
     tokenizer = build_tokenizer()
     eos_id = tokenizer.eos_token_id
@@ -94,8 +95,8 @@ def build_reference_model(
         vocab_size=len(VOCAB),
         hidden_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
         intermediate_size=128,
         max_position_embeddings=32,
         tie_word_embeddings=True,
@@ -132,10 +133,10 @@ def build_reference_model(
 
 
 def write_task(
-    root: Path, num_prompts: int, seed: int
+    root: Path, num_prompts: int, seed: int, num_attention_heads: int = 4
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, list[dict]]:
     """The toy task on disk as the stages read it: pi_ref in `root/reference`, prompts in `root/prompts.jsonl`."""
-    model, tokenizer = build_reference_model(seed=seed)
+    model, tokenizer = build_reference_model(seed=seed, num_attention_heads=num_attention_heads)
     model.save_pretrained(root / "reference")
     tokenizer.save_pretrained(root / "reference")
     prompt_rows = make_prompts(num_prompts, seed=seed)

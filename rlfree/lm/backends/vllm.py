@@ -27,8 +27,8 @@ from ...options import SamplerOptions
 from ..seeds import sample_seed
 from . import BackendModel, Draw
 
-# vLLM's CPU KV cache in GiB when the user has not set it: the default (a share of all memory) fails as soon as two
-# engines share a machine, and sampling short completions needs little.
+# vLLM's CPU KV cache in GiB when the user has not set it. Unset, each engine would reserve
+# --vllm_gpu_memory_utilization of all the machine's memory (half, by default), which two engines cannot both have.
 DEFAULT_CPU_KVCACHE_GIB = "1"
 # How long `close` waits for the engine's processes to exit on their own before vLLM kills them.
 SHUTDOWN_TIMEOUT_S = 60.0
@@ -59,8 +59,10 @@ def cpu_threads_bind(local_rank: int, local_world_size: int, tensor_parallel_siz
     binding, one core of a share that has cores to spare is left to the engine's scheduler process.
     """
     cpus = sorted(os.sched_getaffinity(0))
-    start, stop = local_rank * len(cpus) // local_world_size, (local_rank + 1) * len(cpus) // local_world_size
-    share = cpus[start:stop] or [cpus[local_rank % len(cpus)]]
+    if local_world_size > len(cpus):
+        share = [cpus[local_rank % len(cpus)]]  # more processes than cores: they take turns
+    else:
+        share = cpus[local_rank * len(cpus) // local_world_size : (local_rank + 1) * len(cpus) // local_world_size]
     if len(share) < tensor_parallel_size:
         raise StageInputError(
             f"--vllm_tensor_parallel_size {tensor_parallel_size} needs that many cores per process, but each of the "
@@ -81,6 +83,8 @@ def own_devices(visible: list[str], local_rank: int, tensor_parallel_size: int) 
     With one device per process this is the device the stage's own model sits on (LOCAL_RANK), so each engine shares
     its GPU with that process's teacher-forced pass only (hence `--vllm_gpu_memory_utilization`).
     """
+    if len(visible) == tensor_parallel_size:
+        return ",".join(visible)  # the launcher already gave each process its own devices
     own = visible[local_rank * tensor_parallel_size : (local_rank + 1) * tensor_parallel_size]
     if len(own) < tensor_parallel_size:
         raise StageInputError(
@@ -116,8 +120,11 @@ def engine_environment(on_cpu: bool, device_variable: str, tensor_parallel_size:
             os.environ[device_variable] = own_devices(visible, local_rank, tensor_parallel_size)
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def engine_dtype(dtype: str, on_cpu: bool) -> str:
@@ -159,6 +166,7 @@ class VLLMBackend:
                 gpu_memory_utilization=sampler.vllm_gpu_memory_utilization,
                 max_model_len=sampler.vllm_max_model_len,
                 enable_prefix_caching=sampler.vllm_enable_prefix_caching,
+                enforce_eager=sampler.vllm_enforce_eager,
                 logprobs_mode="processed_logprobs",
                 # Requests carry every sampling setting; the checkpoint's generation_config.json sets none of them.
                 generation_config="vllm",
@@ -189,6 +197,7 @@ class VLLMBackend:
             stop_token_ids=self.eos,
             ignore_eos=True,
             logprobs=0,  # the sampled token's own log-probability only
+            flat_logprobs=True,  # plain lists of floats, not a dict and an object per token
             detokenize=False,
         )
 
@@ -203,6 +212,8 @@ class VLLMBackend:
                     f"{self.sampler.max_new_tokens} in vLLM's context of {self.max_model_len} tokens"
                 )
         jobs = [(p, s) for p in prompt_ids for s in range(num_samples)]
+        if not jobs:
+            return []
         outputs = self._llm.generate(
             [self._tokens_prompt(prompt_token_ids=prompt_ids[p]) for p, _ in jobs],
             [self._params(sample_seed(seed, p, s)) for p, s in jobs],
@@ -223,8 +234,13 @@ class VLLMBackend:
                 f"vLLM stopped prompt {prompt_index} sample {sample_index} after {len(token_ids)} tokens with "
                 f"finish_reason={completion.finish_reason!r}, which the HF backend never does"
             )
-        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids, strict=True)]
-        return Draw(prompt_index, sample_index, token_ids, reason, logprobs)
+        # With logprobs=0 each position holds exactly one entry: the sampled token's.
+        logprobs = completion.logprobs
+        if logprobs.token_ids != token_ids:
+            raise RuntimeError(
+                f"vLLM's log-probabilities of prompt {prompt_index} sample {sample_index} are not one per token"
+            )
+        return Draw(prompt_index, sample_index, token_ids, reason, list(logprobs.logprobs))
 
     def close(self) -> None:
         """Ends the engine core process and its workers, and reaps them.

@@ -1,0 +1,136 @@
+"""The generate stage's sampling backends side by side: HF `generate` against vLLM, on the same model and prompts.
+
+For each backend, in one run: new tokens per second of the draw, the teacher-forced pass that reads `ref_logprob`
+(the same for both: the trainer's own computation), its share of the stage's time, and peak memory. Run it alone (two
+cores are easily oversubscribed), in the environment that has vLLM:
+
+    .venv-vllm/bin/python benchmarks/generation.py                 # CPU: a small random Llama
+    python benchmarks/generation.py --preset qwen0.5b --dtype bfloat16   # GPU: Qwen2.5-0.5B's shapes, N=16, 512 tokens
+
+The model is random-init (nothing is downloaded), saved once so that both backends load the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from rlfree.lm.backends import BackendModel, load_backend
+from rlfree.lm.generation import teacher_forced
+from rlfree.lm.modeling import load_causal_lm
+from rlfree.options import SamplerOptions
+
+PRESETS = {
+    # hidden 256, 4 layers, heads of 64, 8k vocabulary: big enough that the model, not Python, is the cost on a CPU.
+    "cpu": {"prompts": 16, "samples": 8, "prompt_tokens": 16, "new_tokens": 64},
+    "qwen0.5b": {"prompts": 32, "samples": 16, "prompt_tokens": 64, "new_tokens": 512},
+}
+
+
+def save_model(folder: Path, preset: str) -> None:
+    """A random model whose EOS (id 0) is as rare as any token (about 1/vocab per step), so nearly every sample runs
+    its full length and both backends generate about the same number of tokens."""
+    torch.manual_seed(0)
+    if preset == "qwen0.5b":
+        config = Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            eos_token_id=0, pad_token_id=0, bos_token_id=None,
+        )  # fmt: skip
+        model = Qwen2ForCausalLM(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+            eos_token_id=0, pad_token_id=0, bos_token_id=None,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1")), eos_token="t0", pad_token="t0"
+    )
+    tokenizer.save_pretrained(folder)
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def run_backend(name: str, folder: Path, dtype: str, preset: dict, model) -> dict:
+    sampler = SamplerOptions(max_new_tokens=preset["new_tokens"], backend=name, batch_size=64, seed=0)
+    prompt_ids = {
+        p: torch.randint(1, 1000, (preset["prompt_tokens"],), generator=torch.Generator().manual_seed(p)).tolist()
+        for p in range(preset["prompts"])
+    }
+    started = time.perf_counter()
+    backend = load_backend(BackendModel(str(folder), dtype, False, lambda: model), sampler, [0])
+    start_up = time.perf_counter() - started
+    try:
+        backend.draw({0: prompt_ids[0]}, 1, seed=1)  # warm-up: first-call compilation and allocation
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        draws = backend.draw(prompt_ids, preset["samples"], seed=0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        drawn = time.perf_counter() - started
+        started = time.perf_counter()
+        teacher_forced(draws, prompt_ids, model, None, sampler, pad_token_id=0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        forced = time.perf_counter() - started
+    finally:
+        backend.close()
+    tokens = sum(len(draw.completion_ids) for draw in draws)
+    return {
+        "backend": name,
+        "start_s": start_up,
+        "tokens": tokens,
+        "tokens_per_s": tokens / drawn,
+        "draw_s": drawn,
+        "teacher_forced_s": forced,
+        "teacher_forced_share": forced / (drawn + forced),
+        "peak_mib": peak_memory_mib(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(Path(folder), args.preset)
+        model = load_causal_lm(folder, args.dtype)
+        print(
+            f"{preset['prompts']} prompts x {preset['samples']} samples x {preset['new_tokens']} new tokens, "
+            f"device {model.device}, dtype {model.dtype}; peak memory: "
+            + ("torch.cuda.max_memory_allocated (HF side)" if torch.cuda.is_available() else "process max RSS so far")
+        )
+        results = [run_backend(name, Path(folder), args.dtype, preset, model) for name in args.backends]
+    header = f"{'backend':8} {'start s':>8} {'new tok/s':>10} {'draw s':>8} {'teacher-forced s':>17} {'share':>6}"
+    print(header + f" {'peak MiB':>9}")
+    for r in results:
+        print(
+            f"{r['backend']:8} {r['start_s']:8.1f} {r['tokens_per_s']:10.0f} {r['draw_s']:8.2f} "
+            f"{r['teacher_forced_s']:17.2f} {r['teacher_forced_share']:6.1%} {r['peak_mib']:9.0f}"
+        )
+    if len(results) == 2:
+        print(f"{results[1]['backend']} / {results[0]['backend']} tokens/s: "
+              f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The vLLM backend against exact answers on the enumerable toy, with the real CPU engine (`make test-vllm`).
+
+vLLM's CPU attention needs heads of at least 32 dimensions, so the toy pi_ref here has 2 heads of 32.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+import torch
+from datasets import load_from_disk
+
+from rlfree import toy
+from rlfree.evaluation.inspect import InspectConfig, inspect
+from rlfree.lm.backends.vllm import VLLMBackend
+from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.weights import normalize_per_group
+
+pytestmark = pytest.mark.vllm
+
+MAX_NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """pi_ref with 32-dimensional heads, three prompts, and every completion's exact log pi_ref and reward."""
+    root = tmp_path_factory.mktemp("vllm_task")
+    model, tokenizer, rows = toy.write_task(root, num_prompts=3, seed=0, num_attention_heads=2)
+    prompts = [row["prompt"] for row in rows]
+    exact = toy.exact_distributions(model, tokenizer, prompts, MAX_NEW_TOKENS)
+    index = {tuple(completion): i for i, completion in enumerate(exact["completions"])}
+    return {"root": root, "exact": exact, "index": index, "prompts": prompts}
+
+
+def config(task, output_dir, **overrides) -> GenerateConfig:
+    # Eager: the engine starts in ~20 s instead of ~60 s of torch.compile, and samples the same.
+    settings = {
+        "num_samples": 2048,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "seed": 3,
+        "backend": "vllm",
+        "vllm_enforce_eager": True,
+    } | overrides
+    root = task["root"]
+    return GenerateConfig(str(root / "reference"), str(root / "prompts.jsonl"), str(output_dir), **settings)
+
+
+@pytest.fixture(scope="module")
+def plain_dir(task, tmp_path_factory):
+    """One vLLM run at temperature 1, shared by the tests that read it."""
+    output_dir = tmp_path_factory.mktemp("plain") / "out"
+    generate(config(task, output_dir))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def plain(plain_dir):
+    return load_from_disk(str(plain_dir))
+
+
+def count_differing(a, b) -> int:
+    return sum(x["completion_ids"] != y["completion_ids"] for x, y in zip(a, b, strict=True))
+
+
+def outcome_indices(task, dataset, prompt_index: int) -> torch.Tensor:
+    rows = [row for row in dataset if row["prompt_index"] == prompt_index]
+    return torch.tensor([task["index"][tuple(row["completion_ids"])] for row in rows])
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def histogram(indices: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    weights = torch.ones(len(indices), dtype=torch.float64) if weights is None else weights
+    counts = torch.zeros(size, dtype=torch.float64).index_add(0, indices, weights)
+    return counts / counts.sum()
+
+
+def exact_draw_tv(probs: torch.Tensor, size: int, draws: int = 20) -> float:
+    """The 95th percentile of the TV an exact draw of `size` samples from `probs` has to `probs` itself."""
+    generator = torch.Generator().manual_seed(0)
+    tvs = [
+        total_variation(histogram(torch.multinomial(probs, size, True, generator=generator), len(probs)), probs)
+        for _ in range(draws)
+    ]
+    return float(torch.tensor(tvs).quantile(0.95))
+
+
+def test_samples_at_temperature_one_follow_pi_ref_and_ref_logprob_is_exact(task, plain):
+    exact = task["exact"]
+    for prompt_index in range(len(task["prompts"])):
+        probs = exact["logprobs"][prompt_index].exp()
+        indices = outcome_indices(task, plain, prompt_index)
+        tv = total_variation(histogram(indices, len(probs)), probs)
+        assert tv <= exact_draw_tv(probs, len(indices)), (prompt_index, tv)
+        ref = torch.tensor([row["ref_logprob"] for row in plain if row["prompt_index"] == prompt_index])
+        torch.testing.assert_close(ref.double(), exact["logprobs"][prompt_index][indices], atol=1e-4, rtol=0)
+
+
+def test_the_dataset_has_the_hf_backends_columns(task, plain, tmp_path):
+    hf = generate(config(task, tmp_path / "hf", backend="hf", num_samples=2))
+    assert plain.column_names == hf.column_names
+    assert set(plain["finish_reason"]) <= {"stop", "length"}
+    stopped = [row for row in plain if row["finish_reason"] == "stop"]
+    assert stopped and all(row["completion_ids"][-1] == toy.VOCAB.index(toy.EOS) for row in stopped)
+    assert all(row["num_tokens"] == len(row["completion_ids"]) for row in plain)
+
+
+def test_the_engine_mismatch_is_recorded_and_inspected(plain_dir, plain, capsys):
+    gap = json.loads((plain_dir / "generation.json").read_text())["engine_mismatch"]
+    assert gap["engine_gap_tokens"] == sum(plain["num_tokens"])
+    # Both sides compute in float32 on the same weights: the gap is rounding, not a different distribution.
+    assert 0 <= gap["engine_gap_mean"] <= gap["engine_gap_max"] < 1e-3
+    # The engine's own log-probabilities are the proposal's: at temperature 1 they equal ref_logprob to rounding.
+    gaps = [abs(row["proposal_logprob"] - row["ref_logprob"]) for row in plain]
+    assert max(gaps) < 3e-3
+    report = inspect(InspectConfig(input_dir=str(plain_dir)))
+    assert report["backend"] == "vllm" and report["engine_mismatch"] == gap
+    assert "engine vs pi_ref, per token" in capsys.readouterr().out
+
+
+def test_tempered_top_p_samples_reweighted_reach_the_exact_target(task, tmp_path):
+    """Temperature 0.7 and top-p 0.9 change what the engine samples; its processed log-probabilities undo it."""
+    beta = 0.5
+    dataset = generate(config(task, tmp_path / "tempered", temperature=0.7, top_p=0.9, num_samples=4096))
+    exact = task["exact"]
+    target = toy.tilt(exact["logprobs"], exact["rewards"], beta).exp()
+    for prompt_index in range(len(task["prompts"])):
+        rows = [row for row in dataset if row["prompt_index"] == prompt_index]
+        indices = outcome_indices(task, dataset, prompt_index)
+        reward = exact["rewards"][prompt_index][indices]
+        correction = torch.tensor([row["ref_logprob"] - row["proposal_logprob"] for row in rows], dtype=torch.float64)
+        group = torch.zeros(len(rows), dtype=torch.long)
+        corrected = normalize_per_group(reward / beta + correction, group).exp()
+        uncorrected = normalize_per_group(reward / beta, group).exp()
+        size = len(target[prompt_index])
+        tv = total_variation(histogram(indices, size, corrected), target[prompt_index])
+        tv_uncorrected = total_variation(histogram(indices, size, uncorrected), target[prompt_index])
+        # Importance weighting costs effective samples, hence the looser bound than an exact draw's.
+        assert tv < 2 * exact_draw_tv(target[prompt_index], len(rows)) and tv < tv_uncorrected / 2, (
+            prompt_index,
+            tv,
+            tv_uncorrected,
+        )
+
+
+def test_samples_do_not_depend_on_how_requests_are_batched(task, plain, tmp_path):
+    """Shards of one prompt put other requests beside each sample in the engine; the samples stay the same.
+
+    A sample may only differ where batched kernels round a near-tie the other way; such flips are counted.
+    """
+    one_prompt_at_a_time = generate(config(task, tmp_path / "sharded", shard_size=1, batch_size=7))
+    differing = count_differing(plain, one_prompt_at_a_time)
+    print(f"{differing} of {len(plain)} samples differ between engine batch compositions")
+    assert differing <= len(plain) // 1000
+
+
+def test_an_interrupted_run_resumes_to_the_same_dataset_and_leaves_no_engine(task, plain, tmp_path, monkeypatch):
+    original, calls = VLLMBackend.draw, []
+
+    def draw_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMBackend, "draw", draw_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        generate(config(task, tmp_path / "out", shard_size=1))
+    assert not multiprocessing.active_children()  # the engine core is gone
+    monkeypatch.undo()
+    resumed = generate(config(task, tmp_path / "out", shard_size=1))
+    assert not multiprocessing.active_children()
+    assert count_differing(resumed, plain) <= len(plain) // 1000
