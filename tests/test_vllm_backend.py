@@ -79,14 +79,19 @@ def histogram(indices: torch.Tensor, size: int, weights: torch.Tensor | None = N
     return counts / counts.sum()
 
 
-def exact_draw_tv(probs: torch.Tensor, size: int, draws: int = 20) -> float:
-    """The 95th percentile of the TV an exact draw of `size` samples from `probs` has to `probs` itself."""
+def exact_draw_tv(probs: torch.Tensor, size: int, draws: int = 50) -> float:
+    """A generous bound on the TV an exact draw of `size` samples from `probs` has to `probs`: mean + 4 sd of 50 draws.
+
+    A sampler off by a temperature or a dropped EOS is far beyond it (TV of tenths, not hundredths).
+    """
     generator = torch.Generator().manual_seed(0)
-    tvs = [
-        total_variation(histogram(torch.multinomial(probs, size, True, generator=generator), len(probs)), probs)
-        for _ in range(draws)
-    ]
-    return float(torch.tensor(tvs).quantile(0.95))
+    tvs = torch.tensor(
+        [
+            total_variation(histogram(torch.multinomial(probs, size, True, generator=generator), len(probs)), probs)
+            for _ in range(draws)
+        ]
+    )
+    return float(tvs.mean() + 4 * tvs.std())
 
 
 def test_samples_at_temperature_one_follow_pi_ref_and_ref_logprob_is_exact(task, plain):
