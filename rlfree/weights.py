@@ -32,6 +32,15 @@ def normalize_per_group(log_weight: torch.Tensor, group: torch.Tensor) -> torch.
     return shifted - group_sum(shifted.exp(), group, int(group.max()) + 1).log()[group]
 
 
+def group_log_mean_exp(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """log of each group's mean of exp(values) (energy-guided sampling's energy estimate), stable at any scale."""
+    num_groups = int(group.max()) + 1
+    peak = group_max(values, group)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    sums = group_sum((values - peak[group]).exp(), group, num_groups)
+    return peak + (sums / torch.bincount(group, minlength=num_groups).to(values.dtype)).log()
+
+
 def diagnostics(
     weight: torch.Tensor, group: torch.Tensor, reference_log_weight: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -167,15 +176,15 @@ def pick_log_weights(reward: torch.Tensor, correction: torch.Tensor, group: torc
     return torch.where(reward == best[group], correction, torch.full_like(correction, -math.inf))
 
 
-def pick(log_weight: torch.Tensor, group: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def pick(log_weight: torch.Tensor, group: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One row index per group (groups 0..G-1, in order), drawn with probability softmax of log_weight in its group.
 
-    Gumbel-max in its exponential-race form: argmax_i log w_i - log E_i with E_i ~ Exp(1) picks i with probability
-    w_i / sum_j w_j, for every group at once.
+    Gumbel-max in its exponential-race form: argmax_i log w_i - log E_i with E_i = -log U_i ~ Exp(1) picks i with
+    probability w_i / sum_j w_j, for every group at once. `uniform` holds one U_i in (0, 1) per row.
     """
     if torch.isnan(log_weight).any() or torch.isposinf(log_weight).any():
         raise StageInputError("log-weights must be finite or -inf (NaN or +inf found)")
-    keys = log_weight - torch.empty_like(log_weight).exponential_(generator=generator).log()
+    keys = log_weight - (-uniform.to(log_weight.dtype).log()).log()
     best = group_max(keys, group)
     num_groups = len(best)
     if torch.isneginf(best).any():

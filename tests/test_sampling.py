@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree import toy
 from rlfree.data import StageInputError
+from rlfree.lm.seeds import pick_uniforms
 from rlfree.stages.sample import SampleConfig, pick_dataset, soft_best_of_n
 from rlfree.weights import pick, pick_log_weights
 
@@ -26,9 +27,13 @@ def _replicated(log_weight: list[float], copies: int) -> tuple[torch.Tensor, tor
     return torch.tensor(log_weight, dtype=torch.float64).repeat(copies), torch.arange(copies).repeat_interleave(size)
 
 
+def _uniform(size: int, seed: int) -> torch.Tensor:
+    return torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _position_counts(log_weight: list[float], copies: int = 20000, seed: int = 0) -> torch.Tensor:
     values, group = _replicated(log_weight, copies)
-    rows = pick(values, group, torch.Generator().manual_seed(seed))
+    rows = pick(values, group, _uniform(len(values), seed))
     assert torch.equal(group[rows], torch.arange(copies)), "each pick must come from its own group"
     return torch.bincount(rows % len(log_weight), minlength=len(log_weight)).double()
 
@@ -53,15 +58,22 @@ def test_pick_frequencies_match_softmax():
 
 def test_small_beta_picks_the_max_and_zero_beta_breaks_ties_uniformly():
     reward, group = _replicated([0.2, 0.9, 0.5, 0.1], 1000)
-    rows = pick(
-        pick_log_weights(reward, torch.zeros_like(reward), group, 1e-3), group, torch.Generator().manual_seed(0)
-    )
+    rows = pick(pick_log_weights(reward, torch.zeros_like(reward), group, 1e-3), group, _uniform(len(reward), 0))
     assert torch.all(rows % 4 == 1)
     reward, group = _replicated([1.0, 0.0, 1.0, 1.0, 0.5], 20000)
     values = pick_log_weights(reward, torch.zeros_like(reward), group, 0.0)
-    counts = torch.bincount(pick(values, group, torch.Generator().manual_seed(1)) % 5, minlength=5).double()
+    counts = torch.bincount(pick(values, group, _uniform(len(values), 1)) % 5, minlength=5).double()
     expected = torch.tensor([1, 0, 1, 1, 0], dtype=torch.float64) / 3
     assert _chi_square(counts, expected) < CHI2_CRITICAL[2]
+
+
+def test_counter_based_pick_uniforms_give_softmax_picks():
+    """The uniforms soft best-of-N and the samplers pick with: one per (seed, group key, candidate), no generator."""
+    log_weight = [0.0, 1.0, 2.0, -0.5]
+    values, group = _replicated(log_weight, 20000)
+    uniform = pick_uniforms(7, [(int(g), 0) for g in group], (torch.arange(len(values)) % 4).numpy())
+    counts = torch.bincount(pick(values, group, uniform) % 4, minlength=4).double()
+    assert _chi_square(counts, torch.tensor(log_weight, dtype=torch.float64).softmax(0)) < CHI2_CRITICAL[3]
 
 
 def test_proposal_correction_retargets_the_picks():
@@ -72,18 +84,18 @@ def test_proposal_correction_retargets_the_picks():
         reward, group = _replicated([1.0, 1.0, 1.0], 20000)
         correction = (ref - proposal).repeat(20000)
         values = pick_log_weights(reward, correction, group, beta)
-        counts = torch.bincount(pick(values, group, torch.Generator().manual_seed(2)) % 3, minlength=3).double()
+        counts = torch.bincount(pick(values, group, _uniform(len(values), 2)) % 3, minlength=3).double()
         assert _chi_square(counts, (ref - proposal).softmax(0)) < CHI2_CRITICAL[2]
 
 
 def test_groups_need_not_be_contiguous_and_bad_weights_are_refused():
     group = torch.tensor([1, 0, 1, 0, 2])
     log_weight = torch.tensor([0.0, -math.inf, -math.inf, 0.0, 5.0], dtype=torch.float64)
-    assert pick(log_weight, group, torch.Generator().manual_seed(0)).tolist() == [3, 0, 4]
+    assert pick(log_weight, group, _uniform(len(log_weight), 0)).tolist() == [3, 0, 4]
     with pytest.raises(StageInputError, match="NaN"):
-        pick(torch.tensor([0.0, math.nan]), torch.tensor([0, 0]), torch.Generator())
+        pick(torch.tensor([0.0, math.nan]), torch.tensor([0, 0]), _uniform(2, 0))
     with pytest.raises(StageInputError, match="group 1"):
-        pick(torch.tensor([0.0, -math.inf]), torch.tensor([0, 1]), torch.Generator())
+        pick(torch.tensor([0.0, -math.inf]), torch.tensor([0, 1]), _uniform(2, 0))
 
 
 def test_pick_dataset_reports_softmax_probability_and_pick_index():
@@ -97,7 +109,10 @@ def test_pick_dataset_reports_softmax_probability_and_pick_index():
             "proposal_logprob": [-1.0, -1.0, -1.0, -1.0, -1.0 + math.log(3.0), -1.0],
         }
     )
-    picked = pick_dataset(scored, num_candidates=3, num_picks=2, beta=2.0, seed=0)
+    correction = torch.tensor(scored["ref_logprob"]) - torch.tensor(scored["proposal_logprob"])
+    group = torch.arange(6) // 3
+    log_weight = pick_log_weights(torch.tensor(rewards, dtype=torch.float64), correction.double(), group, 2.0)
+    picked = pick_dataset(scored, log_weight, num_candidates=3, num_picks=2, seed=0)
     assert picked["pick_index"] == [0, 1]
     first = torch.tensor(rewards[:3]).div(2.0).softmax(0)
     second = (torch.tensor(rewards[3:]) / 2.0 - torch.tensor([0.0, math.log(3.0), 0.0])).softmax(0)
@@ -177,7 +192,12 @@ def test_output_layout_sidecars_and_determinism(reference_dir, prompts_file, tmp
     candidates = load_from_disk(str(tmp_path / "a" / "candidates"))
     scored = load_from_disk(str(tmp_path / "a" / "scored"))
     assert len(candidates) == 4 * 3 * 4 and len(picked) == 4 * 3
-    assert set(picked.column_names) == set(scored.column_names) | {"pick_index", "pick_probability"}
+    costs = {"cost_sequences", "cost_tokens", "cost_model_tokens", "cost_reward_calls"}
+    assert set(picked.column_names) == set(scored.column_names) | {"pick_index", "pick_probability"} | costs
+    for row in picked:
+        group = [c for c in candidates if c["prompt_index"] == row["prompt_index"] and c["sample_index"] // 4 == row["pick_index"]]  # fmt: skip
+        assert row["cost_sequences"] == row["cost_reward_calls"] == len(group) == 4
+        assert row["cost_tokens"] == sum(c["num_tokens"] for c in group) == row["cost_model_tokens"] // 2
     assert {"reward", "ref_logprob", "proposal_logprob", "answer"} <= set(picked.column_names)
     assert picked["pick_index"] == [0, 1, 2] * 4
     assert [s // 4 for s in picked["sample_index"]] == picked["pick_index"]
@@ -186,6 +206,7 @@ def test_output_layout_sidecars_and_determinism(reference_dir, prompts_file, tmp
     assert on_disk.to_list() == picked.to_list()
     sidecar = json.loads((tmp_path / "a" / "picked" / "sampling.json").read_text())
     assert sidecar["soft_best_of_n"] == 4 and sidecar["beta"] == 1.0 and sidecar["reward"] == [REWARD]
+    assert sidecar["sampler"] == "soft_best_of_n" and sidecar["cost"]["total"]["tokens"] == sum(picked["cost_tokens"])
     for carried in ("generation.json", "scoring.json"):
         assert (tmp_path / "a" / "picked" / carried).is_file()
 

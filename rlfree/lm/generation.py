@@ -7,6 +7,8 @@ drew when the backend reports one, and otherwise the teacher-forced log-probabil
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -16,7 +18,7 @@ from ..options import SamplerOptions
 from ..sources import context_length, load_model_config
 from .backends import Draw
 from .backends.hf import sampler_processors
-from .modeling import eos_token_ids, model_completion_logprobs, pad_prompt_completion
+from .modeling import eos_token_ids, load_tokenizer, model_completion_logprobs, pad_prompt_completion
 
 # Per-token |log p_engine - log pi_ref| above this, on average, is worth a warning: the weights still correct for it,
 # but they spread (a mean gap g per token moves a T-token sequence's log-weight by about g·T).
@@ -125,6 +127,45 @@ def fit_to_context(
     return everything, too_long
 
 
+def task_tokenizer(name_or_path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """pi_ref's tokenizer, which renders the prompts; a folder without one is a clear error."""
+    try:
+        return load_tokenizer(name_or_path, trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise StageInputError(f"{name_or_path}: cannot load the tokenizer ({error})") from None
+
+
+@dataclass
+class PreparedPrompts:
+    """Prompts ready to sample: text and ids per prompt, which of them fit the context, and their other columns."""
+
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    sampled: list[int]  # indices of the prompts sampled (all but those --long_prompts skip left out)
+    extras: list[dict]  # each prompt's other columns (an `answer`, `messages`), for the rows and reward functions
+
+
+def prepare_prompts(
+    prompt_rows: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    sampler: SamplerOptions,
+    context: tuple[int, str] | None,
+    is_main_process: bool,
+) -> PreparedPrompts:
+    """Render the prompts, fit them to the context (saying what --long_prompts did) and keep their other columns."""
+    texts, prompt_ids = render_prompts(prompt_rows, tokenizer)
+    sampled, cut = fit_to_context(prompt_ids, sampler, context, tokenizer.bos_token_id)
+    for index in cut:
+        texts[index] = tokenizer.decode(prompt_ids[index])
+    extra_columns = [name for name in prompt_rows.column_names if name != "prompt"]
+    extras = prompt_rows.select_columns(extra_columns).to_list() if extra_columns else [{}] * len(texts)
+    if is_main_process and len(sampled) < len(texts):
+        print(f"--long_prompts skip: left out {len(texts) - len(sampled)} prompt(s) too long for the context")
+    if is_main_process and cut:
+        print(f"--long_prompts truncate: kept the last tokens of {len(cut)} prompt(s) too long for the context")
+    return PreparedPrompts(texts, prompt_ids, sampled, extras)
+
+
 def summarize_engine_gap(dataset: Dataset) -> tuple[Dataset, dict]:
     """The run's engine/trainer mismatch from the per-row columns the shards carry, which are then dropped."""
     if "engine_gap_sum" not in dataset.column_names:
@@ -157,8 +198,12 @@ def teacher_forced(
     ref_model: PreTrainedModel | None,
     sampler: SamplerOptions,
     pad_token_id: int,
+    with_model_logprob: bool = False,
 ) -> list[dict]:
     """One row per draw with `ref_logprob` and `proposal_logprob`, in batches of `sampler.batch_size`.
+
+    `with_model_logprob` adds `model_logprob`, log pi_theta(o|q) of `model` itself at temperature 1 (guided sampling,
+    where the proposal is neither model).
 
     `model` is the model sampled from; `ref_model` is pi_ref when that is another model. When the backend reported the
     engine's own log-probabilities they are the proposal's, and where the engine sampled pi_ref's own softmax (no
@@ -177,7 +222,10 @@ def teacher_forced(
         # Teacher-forced, in bounded memory: logits of a chunk of completion positions at a time.
         inputs = (tensors["input_ids"], tensors["attention_mask"], tensors["completion_mask"])
         lengths = [len(completion) for completion in completions]
-        gaps = None
+        gaps, extra = None, {}
+        if with_model_logprob:
+            (model_sums,) = model_completion_logprobs(model, *inputs)
+            extra = {"model_logprob": model_sums.tolist()}
         if batch[0].proposal_token_logprobs is not None:
             (ref_tokens,) = model_completion_logprobs(scorer, *inputs, per_token=True)
             ref_logprob = [chunk.sum().item() for chunk in ref_tokens.cpu().split(lengths)]
@@ -207,6 +255,7 @@ def teacher_forced(
                     "num_tokens": len(draw.completion_ids),
                     "finish_reason": draw.finish_reason,
                 }
+                | {name: values[row] for name, values in extra.items()}
                 | (
                     {"engine_gap_sum": gaps[row].sum().item(), "engine_gap_max": gaps[row].max().item()}
                     if gaps is not None

@@ -15,10 +15,23 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit seed for one sample, stable across processes and Python runs (unlike `hash`)."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+def stream_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed for one stream of randomness named by `keys`, stable across processes and runs (unlike `hash`)."""
+    digest = hashlib.blake2b(":".join(str(key) for key in (seed, *keys)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample."""
+    return stream_seed(seed, prompt_index, sample_index)
+
+
+def pick_uniforms(seed: int, group_keys: list[tuple], candidate: np.ndarray | list[int]) -> torch.Tensor:
+    """One uniform per candidate row of a pick: a function of (seed, the row's group key, its candidate number) only.
+
+    So a pick does not depend on which other groups are picked in the same call (shards, processes, resumes).
+    """
+    return uniforms([stream_seed(seed, "pick", *key) for key in group_keys], np.asarray(candidate))
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -29,13 +42,15 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
-def uniforms(sample_seeds: list[int] | np.ndarray, position: int) -> torch.Tensor:
-    """One float64 uniform in (0, 1) per sample for generation step `position`: a pure function of (seed, position).
+def uniforms(sample_seeds: list[int] | np.ndarray, position: int | np.ndarray) -> torch.Tensor:
+    """One float64 uniform in (0, 1) per sample for step `position` (one for all, or one each): a pure function of
+    (seed, position).
 
     53 random bits per value, as numpy's own doubles; the half-step offset keeps 0 out, so an inverse-CDF draw never
     lands on a token of probability 0.
     """
     keys = np.asarray(sample_seeds, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        bits = _splitmix64(keys ^ _splitmix64(np.full_like(keys, position & _MASK64)))
+        positions = np.broadcast_to(np.asarray(position, dtype=np.int64).astype(np.uint64), keys.shape)
+        bits = _splitmix64(keys ^ _splitmix64(positions))
     return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53))

@@ -9,6 +9,7 @@ corrects for the difference, so sampling from any proposal still targets pi_ref.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
@@ -19,12 +20,13 @@ from ..lm.backends import BackendModel, SamplingBackend, load_backend
 from ..lm.generation import (
     check_same_tokens,
     engine_gap_warning,
-    fit_to_context,
     model_context,
-    render_prompts,
+    prepare_prompts,
     summarize_engine_gap,
+    task_tokenizer,
     teacher_forced,
 )
+from ..lm.guidance import GuidedBackend
 from ..lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
 from ..options import LoadOptions, PromptOptions, SamplerOptions, prompts_field
 
@@ -46,6 +48,14 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
         },
     )
     num_samples: int = field(default=8, metadata={"help": "Completions sampled per prompt (N)."})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sample the token-level mix softmax((1-w)·log pi_ref + w·log pi_theta) of --ref_model and "
+            "--model_name_or_path (pi_theta) at this scale w >= 0, recording log pi_theta as model_logprob "
+            "(hf backend). `rlfree sample --guidance_scale` picks among such samples to reach the sequence-level mix."
+        },
+    )
     shard_size: int = field(
         default=64,
         metadata={"help": "Prompts per shard: the unit written at once, split across processes and resumed."},
@@ -57,6 +67,22 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
             raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:
             raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
+        if self.guidance_scale is not None:
+            check_guidance(self.guidance_scale, self.ref_model, self.backend)
+
+
+def check_guidance(scale: float, ref_model: str | None, backend: str) -> None:
+    """Guidance needs a scale w >= 0, the reference model, and the HF backend (the engine cannot mix two models)."""
+    if not scale >= 0 or math.isinf(scale):
+        raise StageInputError(
+            f"--guidance_scale must be finite and >= 0 (0 = pi_ref, 1 = the tuned model, > 1 extrapolates), got {scale}"
+        )
+    if ref_model is None:
+        raise StageInputError("--guidance_scale mixes two models: give the reference model with --ref_model")
+    if backend != "hf":
+        raise StageInputError(
+            f"--guidance_scale runs on --backend hf only (got {backend}): vLLM cannot mix two models' logits per token"
+        )
 
 
 def generate(config: GenerateConfig) -> Dataset:
@@ -71,26 +97,15 @@ def generate(config: GenerateConfig) -> Dataset:
     context = model_context(paths, config.trust_remote_code)
     # pi_ref defines the task: its tokenizer (and chat template) renders the prompts.
     tokenizer_source = config.ref_model or config.model_name_or_path
-    try:
-        tokenizer = load_tokenizer(tokenizer_source, config.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise StageInputError(f"{tokenizer_source}: cannot load the tokenizer ({error})") from None
-    texts, prompt_ids = render_prompts(prompt_rows, tokenizer)
-    sampled, cut = fit_to_context(prompt_ids, config, context, tokenizer.bos_token_id)
-    for index in cut:
-        texts[index] = tokenizer.decode(prompt_ids[index])
-    extra_columns = [name for name in prompt_rows.column_names if name != "prompt"]
-    extras = prompt_rows.select_columns(extra_columns).to_list() if extra_columns else [{}] * len(texts)
+    tokenizer = task_tokenizer(tokenizer_source, config.trust_remote_code)
+    prompts = prepare_prompts(prompt_rows, tokenizer, config, context, state.is_main_process)
+    texts, prompt_ids, sampled, extras = prompts.texts, prompts.prompt_ids, prompts.sampled, prompts.extras
 
     stamps = {"model_stamp": folder_stamp(config.model_name_or_path)}
     if config.ref_model is not None:
         stamps["ref_model_stamp"] = folder_stamp(config.ref_model)
     settings = asdict(config) | {"num_prompts": len(texts)} | stamps
     check_output_dir(config.output_dir, "generation", asdict(config), paths | {"--prompts": config.prompts})
-    if state.is_main_process and len(sampled) < len(texts):
-        print(f"--long_prompts skip: left out {len(texts) - len(sampled)} prompt(s) too long for the context")
-    if state.is_main_process and cut:
-        print(f"--long_prompts truncate: kept the last tokens of {len(cut)} prompt(s) too long for the context")
 
     @functools.cache
     def models() -> tuple:
@@ -107,14 +122,18 @@ def generate(config: GenerateConfig) -> Dataset:
     def backend() -> SamplingBackend:
         """The engine, started on the first shard this process writes and closed when the stage ends."""
         model = BackendModel(config.model_name_or_path, config.dtype, config.trust_remote_code, lambda: models()[0])
-        return load_backend(model, config, eos_token_ids(models()[0], tokenizer))
+        eos = eos_token_ids(models()[0], tokenizer)
+        if config.guidance_scale is not None:
+            return GuidedBackend(model, config, eos, models()[1], config.guidance_scale)
+        return load_backend(model, config, eos)
 
     def make_shard(positions: range) -> Dataset:
         model, ref_model = models()
         shard_prompts = {sampled[position]: prompt_ids[sampled[position]] for position in positions}
         draws = backend().draw(shard_prompts, config.num_samples, config.seed)
         rows = []
-        for sample in teacher_forced(draws, shard_prompts, model, ref_model, config, tokenizer.pad_token_id):
+        guided = config.guidance_scale is not None
+        for sample in teacher_forced(draws, shard_prompts, model, ref_model, config, tokenizer.pad_token_id, guided):
             index = sample["prompt_index"]
             rows.append(
                 {

@@ -161,9 +161,12 @@ def enumerate_completions(vocab_size: int, eos_token_id: int, max_new_tokens: in
 
 @torch.no_grad()
 def completion_logprobs(
-    model, prompt_ids: list[int], completions: list[list[int]], batch_size: int = 1024
+    model, prompt_ids: list[int], completions: list[list[int]], batch_size: int = 1024, processors: list | None = None
 ) -> torch.Tensor:
     """Exact float64 log pi(o | q) per completion, teacher forced through the full softmax at temperature 1.
+
+    `processors` (transformers logits warpers, e.g. temperature then top-p) are applied to each step's float64 logits
+    first: the result is then the exact log-probability under that sampler, -inf outside its support.
 
     Completions that differ only in their last token share one forward pass over prompt + the rest, so an
     enumeration costs one pass per distinct prefix (about vocab_size times fewer). `batch_size` counts those
@@ -192,7 +195,10 @@ def completion_logprobs(
             chunk = prefixes[start : start + batch_size]
             input_ids = torch.tensor([prompt_ids + [*p] + [0] * (width - 1 - len(p)) for p in chunk])
             logits = model(input_ids=input_ids.to(device)).logits[:, len(prompt_ids) - 1 :]
-            logprobs = logits.double().log_softmax(-1).cpu()  # [prefix, step, vocab]: log pi(. | q, o_<step)
+            scores = logits.double().flatten(0, 1)
+            for processor in processors or []:
+                scores = processor(input_ids, scores)
+            logprobs = scores.view(logits.shape).log_softmax(-1).cpu()  # [prefix, step, vocab]: log p(. | q, o_<step)
             selected = (rows >= start) & (rows < start + len(chunk))
             token_logprobs = logprobs[rows[selected, None] - start, positions, targets[selected]]
             result[selected] = token_logprobs.masked_fill(~mask[selected], 0.0).sum(-1)

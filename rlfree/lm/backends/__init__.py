@@ -50,8 +50,11 @@ class SamplingBackend(Protocol):
 
     name: str
 
-    def draw(self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int) -> list[Draw]:
-        """`num_samples` completions for every prompt (keyed by prompt index), in (prompt, sample) order."""
+    def draw(
+        self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int, max_new_tokens: int | None = None
+    ) -> list[Draw]:
+        """`num_samples` completions for every prompt (keyed by prompt index), in (prompt, sample) order, each of at
+        most `max_new_tokens` (default: the sampler's `--max_new_tokens`)."""
 
     def close(self) -> None: ...
 

@@ -3,7 +3,9 @@
 `generate` is run greedily with no processors of its own; the warpers of `sampler_processors` (temperature, top-k,
 top-p, in `generate`'s order) shape the distribution and `InverseCDFSampling` draws from it with counter-based noise
 (`seeds.uniforms`), so a sample depends on (seed, prompt, sample index) only. The proposal log-probability is left to
-the teacher-forced pass, which applies the same warpers (`proposal_token_logprobs` is None).
+the teacher-forced pass, which applies the same warpers (`proposal_token_logprobs` is None), except for subclasses that
+mix in other models' logits (`guides`): no teacher-forced pass of one model gives their distribution, so they report
+the log-probability each token was drawn with.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class InverseCDFSampling(LogitsProcessor):
     def __init__(self, sample_seeds: list[int], prompt_width: int):
         self.sample_seeds = sample_seeds
         self.prompt_width = prompt_width
+        self.chosen_logprobs: list[torch.Tensor] = []  # per step: [batch] log-probability of the token drawn
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.double(), dim=-1)
@@ -59,6 +62,7 @@ class InverseCDFSampling(LogitsProcessor):
         u = uniforms(self.sample_seeds, input_ids.shape[1] - self.prompt_width).to(scores.device)
         chosen = torch.searchsorted(cumulative, (u * cumulative[:, -1]).unsqueeze(-1), right=True)
         chosen = chosen.clamp_(max=scores.shape[-1] - 1)
+        self.chosen_logprobs.append((probs.gather(-1, chosen) / cumulative[:, -1:]).log().squeeze(-1).cpu())
         return torch.full_like(scores, -torch.inf).scatter_(-1, chosen, 0.0)
 
 
@@ -100,6 +104,7 @@ class HFBackend:
     """`transformers` generate on the stage's own model, left-padded batches of `--batch_size` sequences."""
 
     name = "hf"
+    reports_logprobs = False  # True where `guides` change the distribution beyond what teacher forcing reproduces
 
     def __init__(self, model: BackendModel, sampler: SamplerOptions, eos_token_ids: list[int]):
         self.model = model.load()
@@ -110,15 +115,21 @@ class HFBackend:
         self.pad_token_id = eos_token_ids[0] if pad is None else pad
         self.warpers = sampler_processors(sampler.temperature, sampler.top_k, sampler.top_p)
 
+    def guides(self, attention_mask: torch.Tensor) -> list[LogitsProcessor]:
+        """Processors applied to the model's logits before the warpers, for one batch (none: the model's own)."""
+        return []
+
     @torch.no_grad()
-    def draw(self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int) -> list[Draw]:
+    def draw(
+        self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int, max_new_tokens: int | None = None
+    ) -> list[Draw]:
         jobs = [(p, s) for p in prompt_ids for s in range(num_samples)]
         draws = []
         with (
             plain_sampling(self.model, self.eos, self.pad_token_id) as generation_config,
             tqdm(total=len(jobs), desc="generate", unit="seq", leave=False) as progress,
         ):
-            generation_config.update(max_new_tokens=self.sampler.max_new_tokens)
+            generation_config.update(max_new_tokens=max_new_tokens or self.sampler.max_new_tokens)
             for start in range(0, len(jobs), self.sampler.batch_size):
                 batch = jobs[start : start + self.sampler.batch_size]
                 prompts = [prompt_ids[p] for p, _ in batch]
@@ -130,15 +141,18 @@ class HFBackend:
                     input_ids[row, width - len(ids) :] = torch.tensor(ids)
                     attention_mask[row, width - len(ids) :] = 1
                 sampler = InverseCDFSampling([sample_seed(seed, p, s) for p, s in batch], width)
+                attention_mask = attention_mask.to(self.model.device)
                 output = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
-                    attention_mask=attention_mask.to(self.model.device),
+                    attention_mask=attention_mask,
                     generation_config=generation_config,
-                    logits_processor=LogitsProcessorList([*self.warpers, sampler]),
+                    logits_processor=LogitsProcessorList([*self.guides(attention_mask), *self.warpers, sampler]),
                 )
-                for (prompt_index, sample_index), row in zip(batch, output, strict=True):
-                    completion, reason = split_completion(row[width:].tolist(), set(self.eos))
-                    draws.append(Draw(prompt_index, sample_index, completion, reason))
+                chosen_logprobs = torch.stack(sampler.chosen_logprobs, dim=1) if self.reports_logprobs else None
+                for row, ((prompt_index, sample_index), ids) in enumerate(zip(batch, output, strict=True)):
+                    completion, reason = split_completion(ids[width:].tolist(), set(self.eos))
+                    logprobs = None if chosen_logprobs is None else chosen_logprobs[row, : len(completion)].tolist()
+                    draws.append(Draw(prompt_index, sample_index, completion, reason, logprobs))
                 progress.update(len(batch))
         return draws
 

