@@ -211,6 +211,7 @@ def test_install_advice_is_for_a_checkout_since_rlfree_is_on_no_package_index(mo
     assert "pip install 'rlfree[" not in (REPO_ROOT / "README.md").read_text()
     monkeypatch.setitem(sys.modules, "trl", None)  # TRL missing: importing it raises ImportError
     monkeypatch.delitem(sys.modules, "rlfree.baselines", raising=False)
+    monkeypatch.delitem(sys.modules, "rlfree.baselines.rloo", raising=False)  # imported by an earlier test
     code, out, err = run_main(["baseline", "--help"], capsys)
     assert code == 2
     assert "`rlfree baseline` needs TRL" in err

@@ -137,27 +137,57 @@ def test_guidance_scale_zero_is_pi_ref_and_one_is_the_tuned_model(reference_dir,
         assert row["pick_probability"] == 1.0  # one candidate per pick: plain token-level mixing
 
 
+@pytest.fixture(scope="module")
+def nearby_dir(save_toy_model):
+    """A 'tuned' model from pi_ref's own seed and data with more correct answers: near pi_ref, as a fine-tune is."""
+    return save_toy_model("nearby", seed=0, correct_fraction=0.65)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_exact_guided_picks_follow_the_sequence_level_mix(reference_dir, tuned_dir, prompts_file, exact, tmp_path, scale):  # fmt: skip
-    """M = 16 reweighted candidates per pick: their picks are as close to pi_ref^(1-w)·pi_theta^w as exact draws."""
+def test_exact_guided_picks_follow_the_sequence_level_mix(reference_dir, nearby_dir, prompts_file, exact, tmp_path, scale):  # fmt: skip
+    """M = 16 reweighted candidates per pick: as close to pi_ref^(1-w)·pi_theta^w as exact draws of the same size.
+
+    Picking one of M importance-weighted candidates is exact only as M outgrows 1 + chi^2(mix || token-level mix).
+    Extrapolating (w > 1) can make that huge on some prompts (thousands here), so the bound is asserted where M is at
+    least four times it, and elsewhere the picks must do no worse than token-level mixing (by more than the bound).
+    """
     num_picks = 400
     picked = sample(
         guided_config(
-            reference_dir, tuned_dir, prompts_file, tmp_path / "out", guidance_scale=scale, guidance_candidates=16,
+            reference_dir, nearby_dir, prompts_file, tmp_path / "out", guidance_scale=scale, guidance_candidates=16,
             num_picks=num_picks,
         )
     )  # fmt: skip
-    target = sequence_mix(exact, scale).exp()
-    mix = token_level_mix(exact, scale).exp()
+    nearby = dict(exact, models=exact["models"] | {"tuned": AutoModelForCausalLM.from_pretrained(nearby_dir).eval()})
+    nearby["tuned"] = torch.stack(
+        [
+            toy.completion_logprobs(
+                nearby["models"]["tuned"], exact["tokenizer"](prompt)["input_ids"], exact["completions"]
+            )  # fmt: skip
+            for prompt in exact["prompts"]
+        ]
+    )
+    target, mix = sequence_mix(nearby, scale), token_level_mix(nearby, scale)
+    chi_square = (2 * target - mix).logsumexp(-1).exp()  # 1 + chi^2(target || token-level mix), exact
     sidecar = json.loads((tmp_path / "out" / "picked" / "sampling.json").read_text())
     assert sidecar["sampler"] == "guided" and sidecar["cost"]["per_pick"]["sequences"] == 16
+    asserted = 0
     for prompt_index in range(len(exact["prompts"])):
-        tv = total_variation(histogram(outcomes(exact, picked, prompt_index), target.shape[1]), target[prompt_index])
-        bound = exact_draw_tv(target[prompt_index], num_picks)
-        token_level = total_variation(mix[prompt_index], target[prompt_index])
-        print(f"w={scale} prompt {prompt_index}: picks TV {tv:.4f} (exact draw bound {bound:.4f}); token-level mixing's own TV {token_level:.4f}")  # fmt: skip
-        assert tv <= bound, (prompt_index, tv, bound)
+        probs = target[prompt_index].exp()
+        tv = total_variation(histogram(outcomes(exact, picked, prompt_index), len(probs)), probs)
+        bound = exact_draw_tv(probs, num_picks)
+        token_level = total_variation(mix[prompt_index].exp(), probs)
+        print(
+            f"w={scale} prompt {prompt_index}: 1+chi2 {chi_square[prompt_index]:.3g}, picks TV {tv:.4f} (exact draw "
+            f"bound {bound:.4f}); token-level mixing's own TV {token_level:.4f}"
+        )
+        if 4 * chi_square[prompt_index] <= 16:
+            assert tv <= bound, (prompt_index, tv, bound)
+            asserted += 1
+        else:
+            assert tv <= token_level + bound, (prompt_index, tv, token_level)
+    assert asserted >= 2
 
 
 def test_guidance_flags_are_checked(reference_dir, tuned_dir, prompts_file, tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel
@@ -99,20 +99,24 @@ class EnergySearch:
         if block == 0:  # soft best-of-N's candidates: prompt p, samples pick·M + candidate
             draws = self.backend.draw(prompt_ids, num_picks * M, seed, new_tokens)
             draws = [
-                Draw(d.prompt_index * num_picks + d.sample_index // M, d.sample_index % M, *_rest(d)) for d in draws
+                replace(
+                    d, prompt_index=d.prompt_index * num_picks + d.sample_index // M, sample_index=d.sample_index % M
+                )
+                for d in draws
             ]
         else:
             draws = self.backend.draw(contexts, M, stream_seed(seed, "candidates", block), new_tokens)
         rows = teacher_forced(draws, contexts, self.reference, None, self.sampler, self.pad_token_id)
         log_energy = torch.empty(len(draws), dtype=torch.float64)
+        reward = torch.full((len(draws),), math.nan, dtype=torch.float64)  # of the candidates that end the completion
         finished = [
             d.finish_reason == "stop" or length + len(d.completion_ids) >= budget for d in draws
         ]  # the candidate ends the completion: its energy is exact
         done = [i for i, end in enumerate(finished) if end]
         if done:
             completions = [groups[draws[i].prompt_index].completion_ids + draws[i].completion_ids for i in done]
-            rewards = self.score([groups[draws[i].prompt_index].prompt_index for i in done], completions)
-            log_energy[done] = rewards / self.beta
+            reward[done] = self.score([groups[draws[i].prompt_index].prompt_index for i in done], completions)
+            log_energy[done] = reward[done] / self.beta
             for i in done:
                 groups[draws[i].prompt_index].cost["reward_calls"] += 1
         open_ = [i for i, end in enumerate(finished) if not end]
@@ -140,7 +144,7 @@ class EnergySearch:
             group.pick_logprob += math.log(probability[row].item())
             if finished[row]:
                 group.finish_reason = draw.finish_reason
-                group.reward = log_energy[row].item() * self.beta
+                group.reward = reward[row].item()
 
     def rollout_energy(
         self,
@@ -186,7 +190,3 @@ class EnergySearch:
             cost["rollouts"] += 1
         position = {i: n for n, i in enumerate(candidates)}
         return group_log_mean_exp(terms, torch.tensor([position[candidate_of[r.prompt_index]] for r in rollouts]))
-
-
-def _rest(draw: Draw) -> tuple:
-    return draw.completion_ids, draw.finish_reason, draw.proposal_token_logprobs
