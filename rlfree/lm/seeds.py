@@ -12,8 +12,6 @@ import hashlib
 import numpy as np
 import torch
 
-_MASK64 = (1 << 64) - 1
-
 
 def stream_seed(seed: int, *keys: int | str) -> int:
     """A 63-bit seed for one stream of randomness named by `keys`, stable across processes and runs (unlike `hash`)."""

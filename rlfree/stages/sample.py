@@ -36,7 +36,7 @@ from ..lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
 from ..lm.seeds import pick_uniforms
 from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
 from ..rewards.scoring import RewardModel, load_reward_function, reward_fingerprints, score_dataset
-from ..weights import normalize_per_group, pick, pick_log_weights
+from ..weights import group_sum, normalize_per_group, pick, pick_log_weights
 from .generate import GenerateConfig, check_guidance, generate
 from .score import ScoreConfig, check_rewards, score
 
@@ -167,41 +167,45 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
             )
 
 
+def candidate_groups(candidates: Dataset, num_candidates: int, num_picks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pick number, pick group) of each candidate row: rows with sample_index in [k·N, (k+1)·N) of a prompt are the
+    candidates of its pick k; groups are numbered 0..G-1 in (prompt, pick) order."""
+    pick_number = torch.tensor(candidates["sample_index"]) // num_candidates
+    # Dense numbering: prompts left out (--long_prompts skip) leave gaps in prompt_index.
+    group = torch.unique(torch.tensor(candidates["prompt_index"]) * num_picks + pick_number, return_inverse=True)[1]
+    return pick_number, group
+
+
 def pick_dataset(
     candidates: Dataset, log_weight: torch.Tensor, num_candidates: int, num_picks: int, seed: int
 ) -> Dataset:
-    """One row per (prompt, pick) drawn ∝ exp(log_weight) among its candidates, with `pick_index`, `pick_probability`.
-
-    Rows with sample_index in [k·N, (k+1)·N) of a prompt are the candidates of its pick k. The pick's uniforms depend
-    on (seed, prompt, pick, candidate) only, as the energy-guided sampler's first block does.
+    """One row per (prompt, pick), in group order, drawn ∝ exp(log_weight) among its candidates, with `pick_index` and
+    `pick_probability`. The pick's uniforms depend on (seed, prompt, pick, candidate) only, as the energy-guided
+    sampler's first block does.
     """
-    prompt_index = torch.tensor(candidates["prompt_index"])
-    sample_index = torch.tensor(candidates["sample_index"])
-    pick_number = sample_index // num_candidates
-    # Groups numbered 0..G-1 in order: prompts left out (--long_prompts skip) leave gaps in prompt_index.
-    group = torch.unique(prompt_index * num_picks + pick_number, return_inverse=True)[1]
-    keys = [(p, k, 0) for p, k in zip(prompt_index.tolist(), pick_number.tolist(), strict=True)]
-    uniform = pick_uniforms(seed, keys, (sample_index - pick_number * num_candidates).numpy())
-    rows = pick(log_weight, group, uniform)
+    pick_number, group = candidate_groups(candidates, num_candidates, num_picks)
+    keys = [(p, k, 0) for p, k in zip(candidates["prompt_index"], pick_number.tolist(), strict=True)]
+    candidate = torch.tensor(candidates["sample_index"]) - pick_number * num_candidates
+    rows = pick(log_weight, group, pick_uniforms(seed, keys, candidate.numpy()))
     probability = normalize_per_group(log_weight, group).exp()[rows]
     picked = candidates.select(rows.tolist())
     picked = picked.add_column("pick_index", pick_number[rows].tolist())
     return picked.add_column("pick_probability", probability.tolist())
 
 
-def with_costs(picked: Dataset, candidates: Dataset, num_candidates: int, models: int, scored: bool) -> Dataset:
-    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token."""
-    group = (
-        torch.tensor(candidates["prompt_index"]) * 2**32 + torch.tensor(candidates["sample_index"]) // num_candidates
-    )
-    tokens: dict[int, int] = {}
-    for key, count in zip(group.tolist(), candidates["num_tokens"], strict=True):
-        tokens[key] = tokens.get(key, 0) + count
-    keys = [p * 2**32 + k for p, k in zip(picked["prompt_index"], picked["pick_index"], strict=True)]
+def with_costs(
+    picked: Dataset, candidates: Dataset, num_candidates: int, num_picks: int, models: int, scored: bool
+) -> Dataset:
+    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token.
+
+    `picked` holds one row per pick group in group order, as `pick_dataset` returns it.
+    """
+    _, group = candidate_groups(candidates, num_candidates, num_picks)
+    tokens = group_sum(torch.tensor(candidates["num_tokens"]), group, len(picked)).tolist()
     columns = {
         "cost_sequences": [num_candidates] * len(picked),
-        "cost_tokens": [tokens[key] for key in keys],
-        "cost_model_tokens": [models * tokens[key] for key in keys],
+        "cost_tokens": tokens,
+        "cost_model_tokens": [models * count for count in tokens],
         "cost_reward_calls": [num_candidates if scored else 0] * len(picked),
     }
     for name, values in columns.items():
@@ -254,12 +258,13 @@ def soft_best_of_n(config: SampleConfig) -> Dataset:
         scored["proposal_logprob"], dtype=torch.float64
     )
     reward = torch.tensor(scored["reward"], dtype=torch.float64)
-    pick_number = torch.tensor(scored["sample_index"]) // config.soft_best_of_n
-    group = torch.unique(torch.tensor(scored["prompt_index"]) * config.num_picks + pick_number, return_inverse=True)[1]
+    _, group = candidate_groups(scored, config.soft_best_of_n, config.num_picks)
     log_weight = pick_log_weights(reward, correction, group, config.beta)
     picked = pick_dataset(scored, log_weight, config.soft_best_of_n, config.num_picks, config.seed)
     # Each candidate token is sampled once and read once teacher-forced.
-    return save_picks(with_costs(picked, scored, config.soft_best_of_n, 2, True), config, root / "scored")
+    return save_picks(
+        with_costs(picked, scored, config.soft_best_of_n, config.num_picks, 2, True), config, root / "scored"
+    )
 
 
 def guided(config: SampleConfig) -> Dataset:
@@ -274,7 +279,9 @@ def guided(config: SampleConfig) -> Dataset:
     log_weight = guidance_log_weights(column["ref_logprob"], column["model_logprob"], proposal, config.guidance_scale)
     picked = pick_dataset(candidates, log_weight, M, config.num_picks, config.seed)
     # Both models run on every sampled token, then both read it teacher-forced.
-    return save_picks(with_costs(picked, candidates, M, 4, False), config, Path(config.output_dir) / "candidates")
+    return save_picks(
+        with_costs(picked, candidates, M, config.num_picks, 4, False), config, Path(config.output_dir) / "candidates"
+    )
 
 
 def energy_guided(config: SampleConfig) -> Dataset:

@@ -51,10 +51,11 @@ class InverseCDFSampling(LogitsProcessor):
     sample seed and the step only, so a row samples the same tokens in any batch.
     """
 
-    def __init__(self, sample_seeds: list[int], prompt_width: int):
+    def __init__(self, sample_seeds: list[int], prompt_width: int, record_logprobs: bool = False):
         self.sample_seeds = sample_seeds
         self.prompt_width = prompt_width
-        self.chosen_logprobs: list[torch.Tensor] = []  # per step: [batch] log-probability of the token drawn
+        self.record_logprobs = record_logprobs
+        self.chosen_logprobs: list[torch.Tensor] = []  # per step, when recorded: [batch] log-probability of the draw
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.double(), dim=-1)
@@ -62,7 +63,8 @@ class InverseCDFSampling(LogitsProcessor):
         u = uniforms(self.sample_seeds, input_ids.shape[1] - self.prompt_width).to(scores.device)
         chosen = torch.searchsorted(cumulative, (u * cumulative[:, -1]).unsqueeze(-1), right=True)
         chosen = chosen.clamp_(max=scores.shape[-1] - 1)
-        self.chosen_logprobs.append((probs.gather(-1, chosen) / cumulative[:, -1:]).log().squeeze(-1).cpu())
+        if self.record_logprobs:
+            self.chosen_logprobs.append((probs.gather(-1, chosen) / cumulative[:, -1:]).log().squeeze(-1).cpu())
         return torch.full_like(scores, -torch.inf).scatter_(-1, chosen, 0.0)
 
 
@@ -140,7 +142,8 @@ class HFBackend:
                 for row, ids in enumerate(prompts):
                     input_ids[row, width - len(ids) :] = torch.tensor(ids)
                     attention_mask[row, width - len(ids) :] = 1
-                sampler = InverseCDFSampling([sample_seed(seed, p, s) for p, s in batch], width)
+                seeds = [sample_seed(seed, p, s) for p, s in batch]
+                sampler = InverseCDFSampling(seeds, width, self.reports_logprobs)
                 attention_mask = attention_mask.to(self.model.device)
                 output = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
