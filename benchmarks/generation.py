@@ -1,6 +1,7 @@
 """The generate stage's sampling backends side by side: HF `generate` against vLLM, on the same model and prompts.
 
-For each backend, in one run: new tokens per second of the draw, the teacher-forced pass that reads `ref_logprob`
+For each backend, in one run: new tokens per second of the draw (against plain `model.generate(do_sample=True)` on the
+same model, prompts and batch size, the peer), the teacher-forced pass that reads `ref_logprob`
 (the same for both: the trainer's own computation), its share of the stage's time, and peak memory. Run it alone (two
 cores are easily oversubscribed), in the environment that has vLLM:
 
@@ -13,9 +14,13 @@ The model is random-init (nothing is downloaded), saved once so that both backen
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import resource
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from rlfree.lm.generation import teacher_forced
 from rlfree.lm.modeling import load_causal_lm
 from rlfree.options import SamplerOptions
 
+BATCH_SIZE = 64
 PRESETS = {
     # hidden 256, 4 layers, heads of 64, 8k vocabulary: big enough that the model, not Python, is the cost on a CPU.
     "cpu": {"prompts": 16, "samples": 8, "prompt_tokens": 16, "new_tokens": 64},
@@ -66,31 +72,65 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_backend(name: str, folder: Path, dtype: str, preset: dict, model) -> dict:
-    sampler = SamplerOptions(max_new_tokens=preset["new_tokens"], backend=name, batch_size=64, seed=0)
-    prompt_ids = {
+def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """The median wall time of `repeats` calls (the CPU's speed drifts between calls), and the last call's result."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def make_prompts(preset: dict) -> dict[int, list[int]]:
+    return {
         p: torch.randint(1, 1000, (preset["prompt_tokens"],), generator=torch.Generator().manual_seed(p)).tolist()
         for p in range(preset["prompts"])
     }
+
+
+@torch.no_grad()
+def run_plain_generate(preset: dict, model, repeats: int) -> dict:
+    """The peer: `model.generate(do_sample=True)` on the same prompts and batch size, no seeds per sample, no
+    log-probabilities (what a script without rlfree's guarantees would run)."""
+    rows = [ids for ids in make_prompts(preset).values() for _ in range(preset["samples"])]
+    generate = functools.partial(
+        model.generate, do_sample=True, top_k=0, max_new_tokens=preset["new_tokens"], pad_token_id=0, eos_token_id=0
+    )
+    generate(input_ids=torch.tensor(rows[:1], device=model.device))  # warm-up
+
+    def draw() -> int:
+        tokens = 0
+        for start in range(0, len(rows), BATCH_SIZE):
+            input_ids = torch.tensor(rows[start : start + BATCH_SIZE], device=model.device)
+            new = generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))[:, input_ids.shape[1] :]
+            # Tokens up to and including the first EOS: what a sample holds.
+            tokens += int((new.eq(0).cumsum(-1) - new.eq(0).long() == 0).sum())
+        return tokens
+
+    drawn, tokens = median_seconds(draw, repeats)
+    return {"backend": "generate", "start_s": 0.0, "tokens": tokens, "tokens_per_s": tokens / drawn, "draw_s": drawn,
+            "teacher_forced_s": math.nan, "teacher_forced_share": math.nan, "peak_mib": peak_memory_mib()}  # fmt: skip
+
+
+def run_backend(name: str, folder: Path, dtype: str, preset: dict, model, repeats: int) -> dict:
+    if name == "generate":
+        return run_plain_generate(preset, model, repeats)
+    sampler = SamplerOptions(max_new_tokens=preset["new_tokens"], backend=name, batch_size=BATCH_SIZE, seed=0)
+    prompt_ids = make_prompts(preset)
     started = time.perf_counter()
     backend = load_backend(BackendModel(str(folder), dtype, False, lambda: model), sampler, [0])
     start_up = time.perf_counter() - started
     try:
         backend.draw({0: prompt_ids[0]}, 1, seed=1)  # warm-up: first-call compilation and allocation
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        draws = backend.draw(prompt_ids, preset["samples"], seed=0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        drawn = time.perf_counter() - started
-        started = time.perf_counter()
-        teacher_forced(draws, prompt_ids, model, None, sampler, pad_token_id=0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        forced = time.perf_counter() - started
+        drawn, draws = median_seconds(lambda: backend.draw(prompt_ids, preset["samples"], seed=0), repeats)
     finally:
-        backend.close()
+        backend.close()  # before the teacher-forced pass: an idle engine still polls, and would slow it on a CPU
+    forced, _ = median_seconds(
+        lambda: teacher_forced(draws, prompt_ids, model, None, sampler, pad_token_id=0), repeats
+    )
     tokens = sum(len(draw.completion_ids) for draw in draws)
     return {
         "backend": name,
@@ -108,7 +148,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["generate", "hf", "vllm"], help="generate = plain model.generate, the peer"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each step; the median is reported.")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as folder:
@@ -119,7 +162,7 @@ def main() -> None:
             f"device {model.device}, dtype {model.dtype}; peak memory: "
             + ("torch.cuda.max_memory_allocated (HF side)" if torch.cuda.is_available() else "process max RSS so far")
         )
-        results = [run_backend(name, Path(folder), args.dtype, preset, model) for name in args.backends]
+        results = [run_backend(name, Path(folder), args.dtype, preset, model, args.repeats) for name in args.backends]
     header = f"{'backend':8} {'start s':>8} {'new tok/s':>10} {'draw s':>8} {'teacher-forced s':>17} {'share':>6}"
     print(header + f" {'peak MiB':>9}")
     for r in results:
@@ -127,9 +170,10 @@ def main() -> None:
             f"{r['backend']:8} {r['start_s']:8.1f} {r['tokens_per_s']:10.0f} {r['draw_s']:8.2f} "
             f"{r['teacher_forced_s']:17.2f} {r['teacher_forced_share']:6.1%} {r['peak_mib']:9.0f}"
         )
-    if len(results) == 2:
-        print(f"{results[1]['backend']} / {results[0]['backend']} tokens/s: "
-              f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")  # fmt: skip
+    for r in results[1:]:
+        print(
+            f"{r['backend']} / {results[0]['backend']} tokens/s: {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from rlfree import toy
 from rlfree.data import StageInputError
 from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, bootstrap_means, estimate, evaluate, win_rates
+from rlfree.stages.sample import SampleConfig, sample
 
 REWARD = ["rlfree.toy:arithmetic_reward"]
 MAX_NEW_TOKENS = 3  # two answer digits + EOS: every completion is enumerable
@@ -152,3 +154,65 @@ def test_ab_win_rate_matches_exact(model_a_dir, reference_dir, eval_prompts, exa
         assert (tmp_path / "ab" / name).stat().st_size > 0
     assert json.loads((tmp_path / "ab" / "ab.json").read_text())["win_rate_a"] == result["win_rate_a"]
     assert "Win rate of A" in (tmp_path / "ab" / "ab.md").read_text()
+
+
+def soft_best_of_n_accuracy(accuracy: np.ndarray, n: int, beta: float) -> np.ndarray:
+    """Exact per-prompt accuracy of a soft best-of-N pick under a 0/1 reward: with j of the N candidates right, the
+    pick is right with probability j·e^(1/beta) / (j·e^(1/beta) + N − j)."""
+    j = np.arange(n + 1)
+    right = j * np.exp(1 / beta) / (j * np.exp(1 / beta) + n - j)
+    binomial = np.array([math.comb(n, k) for k in j]) * accuracy[:, None] ** j * (1 - accuracy[:, None]) ** (n - j)
+    return (binomial * right).sum(-1)
+
+
+def test_a_sampler_is_a_contestant(model_a_dir, reference_dir, eval_prompts, exact, write_toy_prompts, tmp_path):
+    """`rlfree sample`'s output folder stands in for a model: its picks are scored with the comparison's reward
+    (accuracy and win rate against their exact values), its cost comes from its sidecar, and it has no KL."""
+    accuracy, _ = exact
+    n, beta = 4, 0.5
+    sample(
+        SampleConfig(
+            model_name_or_path=str(reference_dir),
+            prompts=str(eval_prompts[0]),
+            output_dir=str(tmp_path / "soft"),
+            soft_best_of_n=n,
+            beta=beta,
+            reward=REWARD,
+            num_picks=K,
+            max_new_tokens=MAX_NEW_TOKENS,
+            seed=2,
+        )
+    )
+    picks_accuracy = soft_best_of_n_accuracy(accuracy["ref"], n, beta)
+    assert picks_accuracy.mean() > accuracy["ref"].mean() + 0.1  # the sampler is visibly better than pi_ref
+    shared = {
+        "prompts": str(eval_prompts[0]),
+        "reward": REWARD,
+        "ref_model": str(reference_dir),
+        "num_samples": K,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "confidence": CONFIDENCE,
+        "num_bootstrap": NUM_BOOTSTRAP,
+    }
+    report = evaluate(
+        EvaluateConfig(model_name_or_path=str(tmp_path / "soft"), output_dir=str(tmp_path / "e"), **shared)
+    )
+    low, high = report["mean_reward_ci"]
+    assert low <= picks_accuracy.mean() <= high, (report["mean_reward"], picks_accuracy.mean())
+    assert not any(key.startswith("kl") for key in report)  # a pick's probability under the sampler is unknown
+    assert report["sampler"].startswith(f"soft_best_of_n N={n} beta={beta}")
+    assert report["cost_per_sample"]["sequences"] == n and report["cost_per_sample"]["reward_calls"] == n
+    assert not (tmp_path / "e" / "samples").exists()  # nothing sampled again
+
+    result = ab(ABConfig(model_a=str(tmp_path / "soft" / "picked"), model_b=str(model_a_dir), output_dir=str(tmp_path / "ab"), seed=5, **shared))  # fmt: skip
+    p_a, p_b = picks_accuracy, accuracy["a"]
+    exact_win = float(np.mean(p_a * (1 - p_b) + 0.5 * (p_a * p_b + (1 - p_a) * (1 - p_b))))
+    low, high = result["win_rate_a_ci"]
+    assert low <= exact_win <= high, (result["win_rate_a"], exact_win)
+    assert "kl_a" not in result["a"] and set(result["kl_b"]) >= {"k1", "k3"}
+    markdown = (tmp_path / "ab" / "ab.md").read_text()
+    assert "n/a" in markdown and "soft_best_of_n" in markdown and "model-token passes" in markdown
+
+    other_prompts, _ = write_toy_prompts(NUM_PROMPTS, seed=4)
+    with pytest.raises(StageInputError, match="holds picks for --prompts"):
+        evaluate(EvaluateConfig(**shared | {"prompts": str(other_prompts)}, model_name_or_path=str(tmp_path / "soft"), output_dir=str(tmp_path / "x")))  # fmt: skip

@@ -193,3 +193,50 @@ def test_an_interrupted_run_resumes_to_the_same_dataset_and_leaves_no_engine(tas
     resumed = generate(config(task, tmp_path / "out", shard_size=1))
     assert not multiprocessing.active_children()
     assert count_differing(resumed, plain) <= len(plain) // 1000
+
+
+def test_energy_guided_sampling_draws_candidates_and_rollouts_from_the_engine(task, tmp_path):
+    """ETS through vLLM: one block is soft best-of-M on the same engine (same seeds, same picks); with blocks of one
+    token the picks follow the same distribution as the HF backend's (ETS at finite M and K is not pi* itself, so the
+    two backends are compared with each other: within twice an exact draw's TV)."""
+    from rlfree.stages.sample import SampleConfig, sample
+
+    root = task["root"]
+
+    def run(name: str, **overrides):
+        settings = {
+            "max_new_tokens": MAX_NEW_TOKENS, "seed": 0, "beta": 0.5, "backend": "vllm", "vllm_enforce_eager": True,
+            "reward": ["rlfree.toy:arithmetic_reward"], "batch_size": 4096,
+        } | overrides  # fmt: skip
+        return sample(SampleConfig(str(root / "reference"), str(root / "prompts.jsonl"), str(tmp_path / name), **settings))  # fmt: skip
+
+    one_block = run("one_block", energy_guided=True, block_size=MAX_NEW_TOKENS, num_candidates=4, num_picks=6)
+    best_of_m = run("best_of_m", soft_best_of_n=4, num_picks=6)
+    assert one_block["completion_ids"] == best_of_m["completion_ids"]
+    assert one_block["pick_probability"] == pytest.approx(best_of_m["pick_probability"])
+
+    num_picks = 200
+    ets = {"block_size": 1, "num_candidates": 4, "num_rollouts": 4, "num_picks": num_picks, "energy_guided": True}
+    picked = {backend: run(backend, backend=backend, **ets) for backend in ("vllm", "hf")}
+    # Per block, M candidates and K rollouts of each candidate that has not ended: at most 3 · (4 + 16) sequences.
+    assert all(4 <= cost <= 60 for cost in picked["vllm"]["cost_sequences"])
+    target = toy.tilt(task["exact"]["logprobs"], task["exact"]["rewards"], 0.5).exp()
+    size = target.shape[1]
+    for prompt_index in range(len(task["prompts"])):
+        vllm, hf = (histogram(outcome_indices(task, picked[b], prompt_index), size) for b in ("vllm", "hf"))
+        tv, bound = total_variation(vllm, hf), 2 * exact_draw_tv(target[prompt_index], num_picks)
+        print(
+            f"prompt {prompt_index}: TV(vLLM, HF) {tv:.4f} (bound {bound:.4f}); TV to pi* vLLM "
+            f"{total_variation(vllm, target[prompt_index]):.4f}, HF {total_variation(hf, target[prompt_index]):.4f}"
+        )
+        assert tv <= bound, (prompt_index, tv, bound)
+    # The TV bound is loose at this size; the accuracy of the picks (a 0/1 reward) is a sharp check: both backends'
+    # agree within 4 standard errors, and both are far above pi_ref's exact accuracy (the energies steer).
+    accuracy = {backend: torch.tensor(picked[backend]["reward"]).mean().item() for backend in picked}
+    stderr = math.sqrt(2 * accuracy["hf"] * (1 - accuracy["hf"]) / len(picked["hf"]))
+    ref_accuracy = (task["exact"]["logprobs"].exp() * task["exact"]["rewards"]).sum(-1).mean().item()
+    print(
+        f"accuracy: vLLM {accuracy['vllm']:.3f}, HF {accuracy['hf']:.3f} (stderr {stderr:.3f}), pi_ref {ref_accuracy:.3f}"
+    )
+    assert abs(accuracy["vllm"] - accuracy["hf"]) <= 4 * stderr
+    assert min(accuracy.values()) > ref_accuracy + 5 * stderr

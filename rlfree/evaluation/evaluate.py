@@ -8,6 +8,10 @@ draws of the quantity of interest.
 KL(pi_theta || pi_ref) is estimated from the model's own samples, o ~ pi_theta, with log r = log pi_ref − log pi_theta:
 k1 = −log r (unbiased, can be negative on a sample) and k3 = (r − 1) − log r (unbiased and never negative).
 This needs sampling from pi_theta itself, so with --ref_model the temperature must be 1 and top-k/top-p are off.
+
+A contestant may also be a sampler: the output folder of `rlfree sample` (soft best-of-N, guided or energy-guided).
+Its picks are scored with the comparison's reward, its cost per sample comes from its sidecar, and its KL is not
+reported (a pick's probability under the sampler is not known, only under its proposal).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from ..data import process_state
+from ..data import process_state, read_sidecars
 from ..errors import StageInputError
 from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
 from ..stages.generate import GenerateConfig, generate
@@ -68,7 +72,12 @@ class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptO
 class EvaluateConfig(ComparisonOptions):
     """Settings of `rlfree evaluate`."""
 
-    model_name_or_path: str = field(metadata={"help": "Model evaluated (pi_theta): a local folder or a Hub id."})
+    model_name_or_path: str = field(
+        metadata={
+            "help": "Model evaluated (pi_theta): a local folder or a Hub id; or the --output_dir of `rlfree sample` "
+            "to evaluate its picks."
+        }
+    )
     prompts: str = prompts_field()
     output_dir: str = field(metadata={"help": "Where samples/, scored/ and evaluation.json are written."})
 
@@ -77,8 +86,8 @@ class EvaluateConfig(ComparisonOptions):
 class ABConfig(ComparisonOptions):
     """Settings of `rlfree ab`: the same prompts, sampler and reward for two models (seed: A's; B uses seed + 1)."""
 
-    model_a: str = field(metadata={"help": "Model A: a local folder or a Hub id."})
-    model_b: str = field(metadata={"help": "Model B: a local folder or a Hub id."})
+    model_a: str = field(metadata={"help": "Model A: a local folder, a Hub id, or a `rlfree sample` output folder."})
+    model_b: str = field(metadata={"help": "Model B: a local folder, a Hub id, or a `rlfree sample` output folder."})
     prompts: str = prompts_field()
     output_dir: str = field(metadata={"help": "Where a/, b/, ab.json, ab.md and ab.png are written."})
 
@@ -118,11 +127,17 @@ def estimate(name: str, per_prompt: np.ndarray, confidence: float, num_bootstrap
 
 
 def by_prompt(dataset: Dataset, name: str) -> np.ndarray:
-    """A column as a [prompt, sample] matrix, rows in prompt order and samples in sample order."""
-    table = dataset.select_columns(["prompt_index", "sample_index", name]).with_format("arrow")[:]
+    """A column as a [prompt, sample] matrix, rows in prompt order and samples in sample (or pick) order."""
+    sample = "pick_index" if "pick_index" in dataset.column_names else "sample_index"
+    table = dataset.select_columns(["prompt_index", sample, name]).with_format("arrow")[:]
     prompt_index, sample_index, values = (table.column(column).to_numpy() for column in table.column_names)
     order = np.lexsort((sample_index, prompt_index))
     return values[order].reshape(len(np.unique(prompt_index)), -1)
+
+
+def prompt_texts(dataset: Dataset) -> dict[int, str]:
+    """Each prompt's text by prompt_index: the two sides of a comparison must have seen the same ones."""
+    return dict(zip(dataset["prompt_index"], dataset["prompt"], strict=True))
 
 
 def win_rates(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
@@ -137,18 +152,66 @@ def kl_samples(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"kl_k1": -log_ratio, "kl_k3": np.expm1(log_ratio) - log_ratio}
 
 
+# --- samplers as contestants ------------------------------------------------------------------------------------------
+
+
+def sampler_picks(path: str) -> Path | None:
+    """The `picked/` folder of a `rlfree sample` output (named by its --output_dir or by picked/ itself), else None."""
+    for folder in (Path(path) / "picked", Path(path)):
+        if (folder / "sampling.json").is_file():
+            return folder
+    return None
+
+
+def describe_sampler(settings: dict[str, Any]) -> str:
+    """The sampler and the settings that set its cost and target, e.g. `soft_best_of_n N=16 beta=0.5 of MODEL`."""
+    sampler = settings["sampler"]
+    if sampler == "soft_best_of_n":
+        knobs = f"N={settings['soft_best_of_n']} beta={settings['beta']}"
+    elif sampler == "guided":
+        knobs = f"W={settings['guidance_scale']} M={settings['guidance_candidates']} ref {settings['ref_model']}"
+    else:
+        knobs = (
+            f"B={settings['block_size']} M={settings['num_candidates']} K={settings['num_rollouts']} "
+            f"beta={settings['beta']}"
+        )
+    return f"{sampler} {knobs} of {settings['model_name_or_path']}"
+
+
+def check_sampler_prompts(picks: Path, settings: dict[str, Any], config: EvaluateConfig) -> None:
+    """A sampler's picks are compared on the prompts they were drawn for, or not at all."""
+    recorded = (settings["prompts"], settings["prompts_split"])
+    if recorded != (config.prompts, config.prompts_split) and not (
+        Path(recorded[0]).exists() and Path(recorded[0]).resolve() == Path(config.prompts).resolve()
+        and recorded[1] == config.prompts_split
+    ):  # fmt: skip
+        raise StageInputError(
+            f"{picks} holds picks for --prompts {recorded[0]} (split {recorded[1]}), not {config.prompts} "
+            f"(split {config.prompts_split}): pass the prompts the sampler ran on, or sample these prompts"
+        )
+
+
+def model_cost(tokens: np.ndarray) -> dict[str, float]:
+    """What one sample of a model costs, in the units of a sampler's `cost` sidecar."""
+    mean = float(tokens.mean())
+    return {"sequences": 1.0, "tokens": mean, "model_tokens": mean, "reward_calls": 0.0}
+
+
 def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
-    """Mean reward and (with a reference) KL with confidence intervals, completion lengths and finish reasons."""
+    """Mean reward and (with a reference, for a model) KL with confidence intervals, cost per sample, completion
+    lengths and finish reasons."""
     columns = read_columns(dataset)
     groups = PromptGroups.of(columns["prompt_index"])
+    picks = sampler_picks(config.model_name_or_path)
+    sampling = read_sidecars(picks)["sampling"] if picks is not None else None
     per_sample = {"mean_reward": columns["reward"]}
-    if config.ref_model is not None:
+    if config.ref_model is not None and sampling is None:
         per_sample |= kl_samples(columns)
     report: dict[str, Any] = {
         "model": config.model_name_or_path,
         "ref_model": config.ref_model,
         "num_prompts": len(groups.count),
-        "num_samples": config.num_samples,
+        "num_samples": config.num_samples if sampling is None else sampling["num_picks"],
         "temperature": config.temperature,
         "confidence": config.confidence,
         "interval": "percentile bootstrap over prompts",
@@ -156,6 +219,11 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
     for name, values in per_sample.items():
         report |= estimate(name, groups.mean(values), config.confidence, config.num_bootstrap, config.seed)
     tokens = columns["num_tokens"]
+    if sampling is None:
+        report["cost_per_sample"] = model_cost(tokens)
+    else:
+        report |= {"sampler": describe_sampler(sampling), "cost_per_sample": sampling["cost"]["per_pick"]}
+        report["temperature"] = sampling["temperature"]
     report["num_tokens"] = {"mean": float(tokens.mean()), "median": float(np.median(tokens)), "max": int(tokens.max())}
     reasons, counts = np.unique(columns["finish_reason"], return_counts=True)
     report["finish_reasons"] = {str(r): float(c / len(dataset)) for r, c in zip(reasons, counts, strict=True)}
@@ -166,22 +234,30 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
 
 
 def sample_and_score(config: EvaluateConfig) -> Dataset:
-    """Generate from the model with the sampler flags into samples/, then score into scored/."""
+    """Generate from the model with the sampler flags into samples/ (a sampler's picks are already drawn), then score
+    into scored/."""
     output = Path(config.output_dir)
-    generate(
-        GenerateConfig(
-            **options_of(LoadOptions, config) | options_of(PromptOptions, config) | options_of(SamplerOptions, config),
-            model_name_or_path=config.model_name_or_path,
-            prompts=config.prompts,
-            output_dir=str(output / "samples"),
-            ref_model=config.ref_model,
-            num_samples=config.num_samples,
+    samples = sampler_picks(config.model_name_or_path)
+    if samples is not None:
+        check_sampler_prompts(samples, read_sidecars(samples)["sampling"], config)
+    else:
+        samples = output / "samples"
+        generate(
+            GenerateConfig(
+                **options_of(LoadOptions, config)
+                | options_of(PromptOptions, config)
+                | options_of(SamplerOptions, config),
+                model_name_or_path=config.model_name_or_path,
+                prompts=config.prompts,
+                output_dir=str(samples),
+                ref_model=config.ref_model,
+                num_samples=config.num_samples,
+            )
         )
-    )
     return score(
         ScoreConfig(
             **options_of(RewardOptions, config),
-            input_dir=str(output / "samples"),
+            input_dir=str(samples),
             output_dir=str(output / "scored"),
             batch_size=config.batch_size,
         )
@@ -205,9 +281,26 @@ def format_estimate(report: dict[str, Any], name: str) -> str:
 ESTIMATE_LABELS = {"mean_reward": "mean reward", "kl_k1": "KL k1 (nats)", "kl_k3": "KL k3 (nats)"}
 
 
-def estimate_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    """Label / "value [low, high]" for the estimates the report holds."""
-    return [(label, format_estimate(report, name)) for name, label in ESTIMATE_LABELS.items() if name in report]
+def estimate_rows(*reports: dict[str, Any]) -> list[list[str]]:
+    """[label, "value [low, high]" per report] for the estimates any report holds ("n/a" where one does not: a
+    sampler has no KL estimate)."""
+    return [
+        [label, *(format_estimate(report, name) if name in report else "n/a" for report in reports)]
+        for name, label in ESTIMATE_LABELS.items()
+        if any(name in report for report in reports)
+    ]
+
+
+def format_cost(report: dict[str, Any]) -> str:
+    cost = report["cost_per_sample"]
+    return " / ".join(format_number(cost[name]) for name in ("sequences", "model_tokens", "reward_calls"))
+
+
+COST_LABEL = "cost per sample: sequences / model-token passes / reward calls"
+
+
+def contestant(report: dict[str, Any]) -> str:
+    return report.get("sampler", report["model"])
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -215,9 +308,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     _, report = evaluate_model(config)
     tokens = report["num_tokens"]
     rows = [
-        ("model", report["model"]),
+        ("model", contestant(report)),
         ("prompts x samples", f"{report['num_prompts']} x {report['num_samples']}"),
         *estimate_rows(report),
+        (COST_LABEL, format_cost(report)),
         ("completion tokens mean / median / max", " / ".join(format_number(v) for v in tokens.values())),
         ("finish reasons", ", ".join(f"{r} {share:.1%}" for r, share in report["finish_reasons"].items())),
     ]
@@ -234,22 +328,19 @@ def kl_fields(report: dict[str, Any]) -> dict[str, Any]:
 
 def side_by_side(a: dict[str, Any], b: dict[str, Any]) -> list[list[str]]:
     """[label, A's estimate, B's estimate] rows."""
-    return [
-        [label, value_a, value_b]
-        for (label, value_a), (_, value_b) in zip(estimate_rows(a), estimate_rows(b), strict=True)
-    ]
+    return [*estimate_rows(a, b), [COST_LABEL, format_cost(a), format_cost(b)]]
 
 
 def ab_markdown(result: dict[str, Any]) -> str:
     """A short markdown report of the comparison."""
     a, b = result["a"], result["b"]
-    rows = [["model", a["model"], b["model"]], *side_by_side(a, b)]
+    rows = [["model", contestant(a), contestant(b)], *side_by_side(a, b)]
     rows.append(["mean completion tokens", *(format_number(side["num_tokens"]["mean"]) for side in (a, b))])
     table = "\n".join("| " + " | ".join(row) + " |" for row in [["", "A", "B"], ["---"] * 3, *rows])
     return (
         f"# A/B: {a['model']} vs {b['model']}\n\n"
         f"Win rate of A: **{format_estimate(result, 'win_rate_a')}** over {result['num_prompts']} prompts, "
-        f"{result['num_samples']}×{result['num_samples']} pairs per prompt (ties count 1/2; "
+        f"{a['num_samples']}×{b['num_samples']} pairs per prompt (ties count 1/2; "
         f"{result['confidence']:.0%} percentile bootstrap over prompts).\n\n{table}\n"
     )
 
@@ -258,9 +349,12 @@ def ab(config: ABConfig) -> dict[str, Any]:
     """Compare two models on the same prompts and reward; writes ab.json, ab.md and ab.png into output_dir."""
     sides = {name: evaluate_model(config.side(name)) for name in ("a", "b")}
     rewards = {name: by_prompt(dataset, "reward") for name, (dataset, _) in sides.items()}
-    if rewards["a"].shape[0] != rewards["b"].shape[0]:
+    prompts = {name: prompt_texts(dataset) for name, (dataset, _) in sides.items()}
+    if prompts["a"] != prompts["b"]:
+        differing = sorted(set(prompts["a"].items()) ^ set(prompts["b"].items()))[0]
         raise StageInputError(
-            f"A and B were sampled on different prompt counts: {rewards['a'].shape[0]} vs {rewards['b'].shape[0]}"
+            f"A and B were sampled on different prompts ({len(prompts['a'])} vs {len(prompts['b'])}; first "
+            f"difference at prompt_index {differing[0]}): compare them on the same --prompts"
         )
     a, b = sides["a"][1], sides["b"][1]
     result: dict[str, Any] = {

@@ -18,7 +18,14 @@ from ..options import SamplerOptions
 from ..sources import context_length, load_model_config
 from .backends import Draw
 from .backends.hf import sampler_processors
-from .modeling import eos_token_ids, load_tokenizer, model_completion_logprobs, pad_prompt_completion
+from .modeling import (
+    AdapterOff,
+    as_reference,
+    eos_token_ids,
+    load_tokenizer,
+    model_completion_logprobs,
+    pad_prompt_completion,
+)
 
 # Per-token |log p_engine - log pi_ref| above this, on average, is worth a warning: the weights still correct for it,
 # but they spread (a mean gap g per token moves a T-token sequence's log-weight by about g·T).
@@ -195,7 +202,7 @@ def teacher_forced(
     draws: list[Draw],
     prompt_ids: dict[int, list[int]],
     model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
+    ref_model: PreTrainedModel | AdapterOff | None,
     sampler: SamplerOptions,
     pad_token_id: int,
     with_model_logprob: bool = False,
@@ -227,7 +234,8 @@ def teacher_forced(
             (model_sums,) = model_completion_logprobs(model, *inputs)
             extra = {"model_logprob": model_sums.tolist()}
         if batch[0].proposal_token_logprobs is not None:
-            (ref_tokens,) = model_completion_logprobs(scorer, *inputs, per_token=True)
+            with as_reference(scorer) as reference:
+                (ref_tokens,) = model_completion_logprobs(reference, *inputs, per_token=True)
             ref_logprob = [chunk.sum().item() for chunk in ref_tokens.cpu().split(lengths)]
             proposal_logprob = [sum(draw.proposal_token_logprobs) for draw in batch]
             if ref_model is None and sampler.is_plain:
@@ -241,7 +249,8 @@ def teacher_forced(
             ref_sums, proposal_sums = model_completion_logprobs(model, *inputs, (None, warpers))
             ref_logprob, proposal_logprob = ref_sums.tolist(), proposal_sums.tolist()
         else:
-            (ref_sums,) = model_completion_logprobs(ref_model, *inputs)
+            with as_reference(ref_model) as reference:
+                (ref_sums,) = model_completion_logprobs(reference, *inputs)
             (proposal_sums,) = model_completion_logprobs(model, *inputs, (warpers,))
             ref_logprob, proposal_logprob = ref_sums.tolist(), proposal_sums.tolist()
         for row, draw in enumerate(batch):

@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, PreTrainedModel
 from ..options import SamplerOptions
 from .backends import BackendModel
 from .backends.hf import HFBackend
+from .modeling import AdapterOff, as_reference, unwrap
 
 
 class GuidedLogits(LogitsProcessor):
@@ -30,14 +31,15 @@ class GuidedLogits(LogitsProcessor):
     reference's exponent is negative and pi_ref = 0 would otherwise become an infinite weight.
     """
 
-    def __init__(self, ref_model: PreTrainedModel, scale: float, attention_mask: torch.Tensor):
+    def __init__(self, ref_model: PreTrainedModel | AdapterOff, scale: float, attention_mask: torch.Tensor):
         self.ref_model = ref_model
         self.scale = scale
         self.attention_mask = attention_mask
         self.cache = None
         self.seen = 0  # tokens of input_ids the reference model has read
         # transformers renamed past_key_values to cache (5.2x); vLLM's pin is older.
-        parameters = inspect.signature(ref_model.forward).parameters
+        with as_reference(ref_model) as model:
+            parameters = inspect.signature(unwrap(model).forward).parameters
         self.cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -45,13 +47,14 @@ class GuidedLogits(LogitsProcessor):
         grown = input_ids.shape[1] - self.attention_mask.shape[1]
         mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(input_ids), grown)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.seen :]
-        output = self.ref_model(
-            input_ids=new_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self.cache_name: self.cache},
-        )
+        with as_reference(self.ref_model) as ref_model:
+            output = ref_model(
+                input_ids=new_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self.cache_name: self.cache},
+            )
         self.cache, self.seen = output[self.cache_name], input_ids.shape[1]
         ref = output.logits[:, -1].float().log_softmax(-1)
         tuned = scores.float().log_softmax(-1)
@@ -70,7 +73,7 @@ class GuidedBackend(HFBackend):
         model: BackendModel,
         sampler: SamplerOptions,
         eos_token_ids: list[int],
-        ref_model: PreTrainedModel,
+        ref_model: PreTrainedModel | AdapterOff,
         scale: float,
     ):
         super().__init__(model, sampler, eos_token_ids)

@@ -6,8 +6,12 @@ so the number the weights were computed from and the number the trainer maximize
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +49,66 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a local folder or the Hub, in eval mode on `device` (CUDA when present)."""
+    """A causal LM from a local folder or the Hub, in eval mode on `device` (CUDA when present).
+
+    A local PEFT adapter folder (what `rlfree train --use_peft` saves) loads as its base model wrapped in the adapter:
+    peft's own loader, since transformers' built-in one asks for a newer peft than the package index has."""
     device = device or default_device()
+    base = adapter_base(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+        base or name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
     )
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name_or_path)
     return model.to(device).eval()
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model a local PEFT adapter folder was trained on, else None."""
+    config = Path(name_or_path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def same_model(name_a: str, name_b: str) -> bool:
+    """Whether two --model flags name the same model: equal Hub ids, or the same local folder."""
+    if name_a == name_b:
+        return True
+    return Path(name_a).exists() and Path(name_b).exists() and Path(name_a).resolve() == Path(name_b).resolve()
+
+
+class AdapterOff:
+    """pi_ref served by the weights of a PEFT-adapted model with its adapter disabled (as RLG's code does with
+    `disable_adapter()`): the tuned model and its base share one set of base weights in memory.
+
+    Code that runs pi_ref goes through `as_reference`, which switches the adapter off for the duration."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+@contextlib.contextmanager
+def as_reference(ref_model) -> Iterator[PreTrainedModel]:
+    """The model to run as pi_ref: `ref_model` itself, or the adapted model with its adapter off until the block ends."""
+    if not isinstance(ref_model, AdapterOff):
+        yield ref_model
+        return
+    with ref_model.model.disable_adapter():
+        yield ref_model.model
+
+
+def load_reference(
+    ref_path: str, model: PreTrainedModel, model_path: str, dtype: str, trust_remote_code: bool, device
+) -> PreTrainedModel | AdapterOff:
+    """--ref_model beside an already loaded --model_name_or_path: when that is a PEFT adapter on this very reference,
+    the adapted model with its adapter off (one copy of the base weights), else the reference loaded on its own."""
+    base = adapter_base(model_path)
+    if base is not None and same_model(base, ref_path):
+        return AdapterOff(model)
+    return load_causal_lm(ref_path, dtype, trust_remote_code, device)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -210,7 +268,7 @@ def model_completion_logprobs(
     `model` may be wrapped (PEFT, DDP, DeepSpeed): the forward goes through the wrapper, and the decoder and output
     embeddings are found on the unwrapped model.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     if position_ids is None:
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     else:
@@ -325,7 +383,7 @@ def _needs_full_logits(model, base) -> bool:
     return False
 
 
-def _unwrap(model):
+def unwrap(model):
     """The transformers model inside DDP/DeepSpeed (`.module`) and PEFT (`get_base_model`) wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP/DeepSpeed, torch.compile
@@ -356,7 +414,7 @@ def check_packing(model, device: torch.device) -> None:
     joined without restarting positions, so the verdict holds in any dtype. Fixed token ids give every rank the
     same verdict.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     if getattr(base, "_rlfree_packing_checked", False):
         return
     name = type(base).__name__

@@ -27,7 +27,7 @@ from ..lm.generation import (
     teacher_forced,
 )
 from ..lm.guidance import GuidedBackend
-from ..lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
+from ..lm.modeling import AdapterOff, eos_token_ids, load_causal_lm, load_reference, load_tokenizer
 from ..options import LoadOptions, PromptOptions, SamplerOptions, prompts_field
 
 
@@ -44,7 +44,8 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
         default=None,
         metadata={
             "help": "Reference model pi_ref when sampling from another model; --model_name_or_path is then the "
-            "proposal and needs the same tokenizer. Default: the sampled model is pi_ref."
+            "proposal and needs the same tokenizer (a PEFT adapter on this very reference shares its weights: the "
+            "adapter off is pi_ref). Default: the sampled model is pi_ref."
         },
     )
     num_samples: int = field(default=8, metadata={"help": "Completions sampled per prompt (N)."})
@@ -113,9 +114,14 @@ def generate(config: GenerateConfig) -> Dataset:
         model = load_causal_lm(config.model_name_or_path, config.dtype, config.trust_remote_code, state.device)
         if config.ref_model is None:
             return model, None
-        ref_model = load_causal_lm(config.ref_model, config.dtype, config.trust_remote_code, state.device)
-        proposal_tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
-        check_same_tokens(config.model_name_or_path, model, proposal_tokenizer, config.ref_model, ref_model, tokenizer)
+        ref_model = load_reference(
+            config.ref_model, model, config.model_name_or_path, config.dtype, config.trust_remote_code, state.device
+        )
+        if not isinstance(ref_model, AdapterOff):
+            proposal_tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+            check_same_tokens(
+                config.model_name_or_path, model, proposal_tokenizer, config.ref_model, ref_model, tokenizer
+            )
         return model, ref_model
 
     @functools.cache
