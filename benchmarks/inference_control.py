@@ -8,7 +8,7 @@
    averaged over prompts, against the model-token passes each pick cost (`cost_model_tokens` in the sidecar). An exact
    draw of the same number of picks has TV "noise floor" > 0: that is the best any sampler can show here.
 
-    python benchmarks/inference_control.py            # about 5 minutes on 2 CPU cores (the training is 3 of them)
+    python benchmarks/inference_control.py            # about 25 minutes on 2 CPU cores (soft best-of-64 is 4 of them)
 
 Tokens/s of each sampler with the vLLM backend need a GPU and were not measured here.
 """

@@ -44,13 +44,27 @@ class LoadOptions(Options):
         check_choice("--dtype", self.dtype, DTYPES)
 
 
-def prompts_field() -> Any:
-    """The `--prompts` flag of every command that samples."""
-    return field(
-        metadata={
-            "help": "JSONL/JSON/Parquet/CSV file, save_to_disk folder or Hub id with a 'prompt' or 'messages' column."
-        }
-    )
+def prompts_field(optional: bool = False) -> Any:
+    """The `--prompts` flag of every command that samples (optional where an unconditional model takes none)."""
+    help = "JSONL/JSON/Parquet/CSV file, save_to_disk folder or Hub id with a 'prompt' or 'messages' column."
+    if optional:
+        return field(default=None, metadata={"help": help + " Not for an unconditional diffusion pipeline."})
+    return field(metadata={"help": help})
+
+
+def required_output_dir_field(help: str) -> Any:
+    """--output_dir after an optional --prompts: a dataclass field with a default, required by `check_prompts`."""
+    return field(default=None, metadata={"help": f"{help} Required."})
+
+
+def check_prompts(config: Any) -> None:
+    """--output_dir is required, and --prompts too except for an unconditional diffusion pipeline (which takes none)."""
+    from .diffusion import is_pipeline
+
+    if config.output_dir is None:
+        raise StageInputError("--output_dir is required")
+    if config.prompts is None and not is_pipeline(config.model_name_or_path):
+        raise StageInputError("--prompts is required (only a diffusion pipeline without conditions takes none)")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +92,9 @@ class SamplerOptions(Options):
     seed: int = field(
         default=42,
         metadata={"help": "Seed of the sampler: each sample's randomness comes from (seed, prompt, sample index)."},
+    )
+    num_inference_steps: int = field(
+        default=50, metadata={"help": "Diffusion pipelines: denoising steps of the pipeline's scheduler."}
     )
     long_prompts: str = field(
         default="error",
@@ -125,6 +142,8 @@ class SamplerOptions(Options):
             raise StageInputError(f"--top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.batch_size < 1:
             raise StageInputError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.num_inference_steps < 1:
+            raise StageInputError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.vllm_tensor_parallel_size < 1:
             raise StageInputError(f"--vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree import toy
 from rlfree.data import StageInputError
-from rlfree.lm.seeds import pick_uniforms
+from rlfree.seeds import pick_uniforms
 from rlfree.stages.sample import SampleConfig, pick_dataset, soft_best_of_n
 from rlfree.weights import pick, pick_log_weights
 

@@ -25,6 +25,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..data import process_state, read_sidecars
+from ..diffusion import is_pipeline
 from ..errors import StageInputError
 from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
 from ..stages.generate import GenerateConfig, generate
@@ -237,6 +238,11 @@ def sample_and_score(config: EvaluateConfig) -> Dataset:
     """Generate from the model with the sampler flags into samples/ (a sampler's picks are already drawn), then score
     into scored/."""
     output = Path(config.output_dir)
+    if is_pipeline(config.model_name_or_path):
+        raise StageInputError(
+            f"{config.model_name_or_path} is a diffusion pipeline: evaluate and ab compare language models so far; "
+            "run `rlfree generate` and `rlfree score` on each pipeline and compare their rewards"
+        )
     samples = sampler_picks(config.model_name_or_path)
     if samples is not None:
         check_sampler_prompts(samples, read_sidecars(samples)["sampling"], config)

@@ -28,10 +28,10 @@ import torch
 from transformers import PreTrainedModel
 
 from ..options import SamplerOptions
+from ..seeds import pick_uniforms, stream_seed
 from ..weights import group_log_mean_exp, normalize_per_group, pick
 from .backends import Draw, SamplingBackend
 from .generation import teacher_forced
-from .seeds import pick_uniforms, stream_seed
 
 # (prompt indices, completion ids) -> one reward per completion
 Scorer = Callable[[list[int], list[list[int]]], torch.Tensor]

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import read_sidecars
 from ..errors import StageInputError, check_finite
+from ..training import weight_scale, weighted_step_loss
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
     flatten_prompt_completion,
@@ -112,15 +113,8 @@ class RLFreeTrainer(Trainer):
         processing_class: PreTrainedTokenizerBase,
         **kwargs,
     ):
-        missing = [column for column in TRAIN_COLUMNS if column not in train_dataset.column_names]
-        if missing:
-            raise StageInputError(f"training data lacks column(s) {missing}; train on the output of `rlfree weight`")
-        total_weight = float(sum(train_dataset["weight"]))
-        if not total_weight > 0:
-            raise StageInputError("the weights in the training data sum to zero")
-        collator = WeightedCollator(
-            processing_class.pad_token_id, len(train_dataset) / total_weight, args.max_length, args.padding_free
-        )
+        scale = weight_scale(train_dataset, TRAIN_COLUMNS, "train on the output of `rlfree weight`")
+        collator = WeightedCollator(processing_class.pad_token_id, scale, args.max_length, args.padding_free)
         columns = list(TRAIN_COLUMNS)
         if args.train_sampling_strategy in LENGTH_SAMPLING_STRATEGIES:
             train_dataset = with_lengths(train_dataset, args.length_column_name, args.max_length)
@@ -145,9 +139,7 @@ class RLFreeTrainer(Trainer):
             chunk_size=self.args.logits_chunk_size,
             position_ids=inputs.get("position_ids"),
         )
-        # A constant divisor for every micro-batch of every rank; DDP's gradient mean supplies the 1/world_size.
-        sequences_per_rank_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        loss = -(weight * sequence_logprob).sum() / sequences_per_rank_step
+        loss = weighted_step_loss(weight, -sequence_logprob, self.args)
         return (loss, {"sequence_logprob": sequence_logprob}) if return_outputs else loss
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
@@ -225,6 +217,13 @@ def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: Traini
     rewards = scoring.get("reward", []) + scoring.get("reward_model", [])
     hub_id, base_model = base_model_reference(name_or_path)
     ess = [weighting.get("ess_min"), weighting.get("ess_median")]
+    diffusion = generation.get("family") == "diffusion"
+    sampler = (
+        f"num_inference_steps={generation.get('num_inference_steps')}"
+        if diffusion
+        else f"temperature={generation.get('temperature')} top_k={generation.get('top_k')} "
+        f"top_p={generation.get('top_p')} max_new_tokens={generation.get('max_new_tokens')}"
+    )
     rows = [
         ("base model", base_model),
         ("weighting", weighting.get("weighting", "?")),
@@ -232,11 +231,7 @@ def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: Traini
         ("samples per prompt (N)", generation.get("num_samples")),
         ("prompts", weighting.get("num_prompts", generation.get("num_prompts"))),
         ("prompt set", generation.get("prompts")),
-        (
-            "sampler",
-            f"temperature={generation.get('temperature')} top_k={generation.get('top_k')} "
-            f"top_p={generation.get('top_p')} max_new_tokens={generation.get('max_new_tokens')}",
-        ),
+        ("sampler", sampler),
         ("reward", ", ".join(rewards) or "none (rlif)"),
         ("ESS min / median", " / ".join("?" if value is None else three_significant_digits(value) for value in ess)),
         ("training data", dataset_dir),
@@ -244,14 +239,20 @@ def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: Traini
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     front_matter = {"base_model": hub_id} if hub_id else {}
-    front_matter |= {"library_name": "transformers", "tags": ["rlfree", "weighted-mle"]}
+    front_matter |= {"library_name": "diffusers" if diffusion else "transformers", "tags": ["rlfree", "weighted-mle"]}
+    name = Path(args.output_dir).name
+    usage = (
+        f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{name}")\n'
+        if diffusion
+        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n'
+    )
     return (
         "---\n" + "\n".join(f"{key}: {json.dumps(value)}" for key, value in front_matter.items()) + "\n---\n\n"
         f"# {Path(args.output_dir).name}\n\n"
         f"Fine-tuned from `{base_model}` with rlfree: weighted maximum likelihood "
         "towards the KL-regularized optimum pi_ref(o|q) * exp(r(q,o) / beta), without reinforcement learning.\n\n"
         "| setting | value |\n| --- | --- |\n" + table + "\n\n"
-        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{Path(args.output_dir).name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{Path(args.output_dir).name}")\n```\n'
+        f"## Use\n\n```python\n{usage}```\n"
     )

@@ -185,12 +185,17 @@ def score_dataset(
     weights = weights or [1.0] * len(functions)
     names, taken = [], set(dataset.column_names)
     columns: dict[str, list[float]] = {}
+    # Array columns (a diffusion model's images and samples) reach the rewards as numpy arrays, one per row.
+    arrays = [name for name, feature in dataset.features.items() if type(feature).__name__.startswith("Array")]
+    rows = dataset.with_format("numpy", columns=arrays, output_all_columns=True) if arrays else dataset
     for function in functions:
         name = _reward_name(function, taken)
         names.append(name)
         values: list[float] = []
         for start in tqdm(range(0, len(dataset), batch_size), desc=f"score {name}", unit="batch", leave=False):
-            batch = dataset[start : start + batch_size]
+            batch = rows[start : start + batch_size]
+            for column in arrays:
+                batch[column] = list(batch[column])
             values.extend(_score_batch(function, name, batch, first_row + start))
         columns[name] = values
     total = [

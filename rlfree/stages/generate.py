@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from datasets import Dataset
 
 from ..data import check_output_dir, folder_stamp, load_prompts, process_state, read_sidecars, run_in_shards
+from ..diffusion import is_pipeline
+from ..diffusion.generation import generate_samples
 from ..errors import StageInputError
 from ..lm.backends import BackendModel, SamplingBackend, load_backend
 from ..lm.generation import (
@@ -28,7 +30,14 @@ from ..lm.generation import (
 )
 from ..lm.guidance import GuidedBackend
 from ..lm.modeling import AdapterOff, eos_token_ids, load_causal_lm, load_reference, load_tokenizer
-from ..options import LoadOptions, PromptOptions, SamplerOptions, prompts_field
+from ..options import (
+    LoadOptions,
+    PromptOptions,
+    SamplerOptions,
+    check_prompts,
+    prompts_field,
+    required_output_dir_field,
+)
 
 
 @dataclass
@@ -38,8 +47,8 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
     model_name_or_path: str = field(
         metadata={"help": "Model sampled from, a local folder or a Hub id: pi_ref itself unless --ref_model is set."}
     )
-    prompts: str = prompts_field()
-    output_dir: str = field(metadata={"help": "Where the generated dataset is written (save_to_disk layout)."})
+    prompts: str | None = prompts_field(optional=True)
+    output_dir: str = required_output_dir_field("Where the generated dataset is written (save_to_disk layout).")
     ref_model: str | None = field(
         default=None,
         metadata={
@@ -59,11 +68,15 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
     )
     shard_size: int = field(
         default=64,
-        metadata={"help": "Prompts per shard: the unit written at once, split across processes and resumed."},
+        metadata={
+            "help": "Prompts per shard (samples per shard for a diffusion pipeline): the unit written at once, split "
+            "across processes and resumed."
+        },
     )
 
     def __post_init__(self):
         super().__post_init__()
+        check_prompts(self)
         if self.num_samples < 1:
             raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:
@@ -92,6 +105,8 @@ def generate(config: GenerateConfig) -> Dataset:
     Every sample's randomness comes from (seed, prompt index, sample index), so the dataset is the same whatever the
     batch size, the shard size or the number of processes, and a resumed run equals an uninterrupted one.
     """
+    if is_pipeline(config.model_name_or_path):
+        return generate_samples(config)
     state = process_state()
     prompt_rows = load_prompts(config.prompts, config.prompts_split)
     paths = {"--model_name_or_path": config.model_name_or_path, "--ref_model": config.ref_model}

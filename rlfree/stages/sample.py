@@ -27,18 +27,30 @@ import torch
 from datasets import Dataset
 
 from ..data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards, save_stage
+from ..diffusion import is_pipeline
 from ..errors import StageInputError
 from ..lm.backends import BackendModel, load_backend
 from ..lm.energy import EnergySearch
 from ..lm.generation import check_same_tokens, model_context, prepare_prompts, task_tokenizer
 from ..lm.guidance import guidance_log_weights
 from ..lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
-from ..lm.seeds import pick_uniforms
-from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
+from ..options import (
+    LoadOptions,
+    Options,
+    PromptOptions,
+    RewardOptions,
+    SamplerOptions,
+    check_prompts,
+    options_of,
+    prompts_field,
+    required_output_dir_field,
+)
 from ..rewards.scoring import RewardModel, load_reward_function, reward_fingerprints, score_dataset
+from ..seeds import pick_uniforms
 from ..weights import group_sum, normalize_per_group, pick, pick_log_weights
 from .generate import GenerateConfig, check_guidance, generate
 from .score import ScoreConfig, check_rewards, score
+from .weight import proposal_correction
 
 COST_COLUMNS = ("cost_sequences", "cost_tokens", "cost_model_tokens", "cost_reward_calls")
 
@@ -54,9 +66,12 @@ class GuidanceOptions(Options):
             "1 = the tuned model, > 1 extrapolates (beta/W for a model trained at beta)."
         },
     )
-    guidance_candidates: int = field(
-        default=8,
-        metadata={"help": "Token-level-mixed candidates M per pick, reweighted to the exact mix; 1 = plain mixing."},
+    guidance_candidates: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token-level-mixed candidates M per pick, reweighted to the exact mix; 1 = plain mixing. Default "
+            "8 for a language model; a diffusion pipeline mixes its predictions step by step with no reweighting (1)."
+        },
     )
     ref_model: str | None = field(default=None, metadata={"help": "Reference model pi_ref for --guidance_scale."})
 
@@ -89,8 +104,8 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
     model_name_or_path: str = field(
         metadata={"help": "Model sampled from: pi_ref, or the tuned model with --guidance_scale."}
     )
-    prompts: str = prompts_field()
-    output_dir: str = field(metadata={"help": "Root folder: picked/ (the result) and the sampler's stages in it."})
+    prompts: str | None = prompts_field(optional=True)
+    output_dir: str = required_output_dir_field("Root folder: picked/ (the result) and the sampler's stages in it.")
     soft_best_of_n: int | None = field(default=None, metadata={"help": "Soft best-of-N: candidates N per pick."})
     beta: float = field(
         default=1.0,
@@ -115,6 +130,7 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
 
     def __post_init__(self):
         super().__post_init__()
+        check_prompts(self)
         chosen = [
             flag
             for flag, on in (
@@ -142,6 +158,15 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
                 raise StageInputError(f"--beta must be finite and >= 0 (0 = hard best-of-N), got {self.beta}")
         elif self.sampler == "guided":
             check_guidance(self.guidance_scale, self.ref_model, self.backend)
+            if is_pipeline(self.model_name_or_path):
+                if self.guidance_candidates not in (None, 1):
+                    raise StageInputError(
+                        f"--guidance_candidates {self.guidance_candidates}: picking among candidates needs their exact "
+                        "likelihoods, which a diffusion pipeline lacks; RLG's step-by-step mix is drawn directly (1)"
+                    )
+                self.guidance_candidates = 1
+            elif self.guidance_candidates is None:
+                self.guidance_candidates = 8
             if self.guidance_candidates < 1:
                 raise StageInputError(f"--guidance_candidates must be >= 1, got {self.guidance_candidates}")
             if self.reward or self.reward_model:
@@ -153,6 +178,11 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
             self.check_energy()
 
     def check_energy(self) -> None:
+        if is_pipeline(self.model_name_or_path):
+            raise StageInputError(
+                "--energy_guided builds a completion block by block: it is for language models, not for the diffusion "
+                f"pipeline {self.model_name_or_path} (use --soft_best_of_n)"
+            )
         if not self.beta > 0 or math.isinf(self.beta):
             raise StageInputError(f"--beta must be finite and > 0 with --energy_guided, got {self.beta}")
         for flag in ("block_size", "num_candidates", "num_rollouts", "shard_size"):
@@ -194,14 +224,19 @@ def pick_dataset(
 
 
 def with_costs(
-    picked: Dataset, candidates: Dataset, num_candidates: int, num_picks: int, models: int, scored: bool
+    picked: Dataset, candidates: Dataset, config: SampleConfig, num_candidates: int, models: int, scored: bool
 ) -> Dataset:
-    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token.
+    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token. For a diffusion
+    pipeline a candidate's "tokens" are its denoising steps, one network pass each.
 
     `picked` holds one row per pick group in group order, as `pick_dataset` returns it.
     """
-    _, group = candidate_groups(candidates, num_candidates, num_picks)
-    tokens = group_sum(torch.tensor(candidates["num_tokens"]), group, len(picked)).tolist()
+    _, group = candidate_groups(candidates, num_candidates, config.num_picks)
+    if "num_tokens" in candidates.column_names:
+        lengths = torch.tensor(candidates["num_tokens"])
+    else:
+        lengths = torch.full((len(candidates),), config.num_inference_steps)
+    tokens = group_sum(lengths, group, len(picked)).tolist()
     columns = {
         "cost_sequences": [num_candidates] * len(picked),
         "cost_tokens": tokens,
@@ -254,17 +289,14 @@ def soft_best_of_n(config: SampleConfig) -> Dataset:
             batch_size=config.batch_size,
         )
     )
-    correction = torch.tensor(scored["ref_logprob"], dtype=torch.float64) - torch.tensor(
-        scored["proposal_logprob"], dtype=torch.float64
-    )
+    correction = proposal_correction(scored)
     reward = torch.tensor(scored["reward"], dtype=torch.float64)
     _, group = candidate_groups(scored, config.soft_best_of_n, config.num_picks)
     log_weight = pick_log_weights(reward, correction, group, config.beta)
     picked = pick_dataset(scored, log_weight, config.soft_best_of_n, config.num_picks, config.seed)
-    # Each candidate token is sampled once and read once teacher-forced.
-    return save_picks(
-        with_costs(picked, scored, config.soft_best_of_n, config.num_picks, 2, True), config, root / "scored"
-    )
+    # Each candidate token is sampled once and read once teacher-forced; a diffusion sample's steps once.
+    passes = 1 if is_pipeline(config.model_name_or_path) else 2
+    return save_picks(with_costs(picked, scored, config, config.soft_best_of_n, passes, True), config, root / "scored")
 
 
 def guided(config: SampleConfig) -> Dataset:
@@ -274,13 +306,20 @@ def guided(config: SampleConfig) -> Dataset:
     candidates = generate(
         candidates_config(config, M, ref_model=config.ref_model, guidance_scale=config.guidance_scale)
     )
-    column = {name: torch.tensor(candidates[name], dtype=torch.float64) for name in ("ref_logprob", "model_logprob")}
-    proposal = torch.tensor(candidates["proposal_logprob"], dtype=torch.float64)
-    log_weight = guidance_log_weights(column["ref_logprob"], column["model_logprob"], proposal, config.guidance_scale)
+    if is_pipeline(config.model_name_or_path):  # RLG: the step-by-step mix is the sample; both UNets at every step
+        log_weight, passes = torch.zeros(len(candidates), dtype=torch.float64), 2
+    else:
+        column = {
+            name: torch.tensor(candidates[name], dtype=torch.float64) for name in ("ref_logprob", "model_logprob")
+        }
+        proposal = torch.tensor(candidates["proposal_logprob"], dtype=torch.float64)
+        log_weight = guidance_log_weights(
+            column["ref_logprob"], column["model_logprob"], proposal, config.guidance_scale
+        )
+        passes = 4  # both models run on every sampled token, then both read it teacher-forced
     picked = pick_dataset(candidates, log_weight, M, config.num_picks, config.seed)
-    # Both models run on every sampled token, then both read it teacher-forced.
     return save_picks(
-        with_costs(picked, candidates, M, config.num_picks, 4, False), config, Path(config.output_dir) / "candidates"
+        with_costs(picked, candidates, config, M, passes, False), config, Path(config.output_dir) / "candidates"
     )
 
 

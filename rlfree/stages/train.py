@@ -11,6 +11,10 @@ from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import changed_settings, check_output_dir, describe_changes, load_stage
+from ..diffusion import is_pipeline
+from ..diffusion.pipeline import load_pipeline
+from ..diffusion.trainer import TRAIN_COLUMNS as DIFFUSION_TRAIN_COLUMNS
+from ..diffusion.trainer import DiffusionTrainer
 from ..errors import StageInputError
 from ..lm.modeling import default_device, load_tokenizer, resolve_dtype
 from ..lm.trainer import TRAIN_COLUMNS, RLFreeConfig, RLFreeTrainer
@@ -86,12 +90,23 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
                 f"--resume_from_checkpoint: the checkpoints in {output} come from a run with other settings "
                 f"({describe_changes(different)}); resume with those settings, or train into a new --output_dir"
             )
-    load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
+    diffusion = is_pipeline(model_config.model_name_or_path)
+    if diffusion:
+        check_diffusion_training(model_config)
+    else:
+        load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
     dataset = load_stage(
-        args.dataset_dir, TRAIN_COLUMNS, hint="Train on the output of `rlfree weight`.", flag="--dataset_dir"
+        args.dataset_dir,
+        DIFFUSION_TRAIN_COLUMNS if diffusion else TRAIN_COLUMNS,
+        hint="Train on the output of `rlfree weight`.",
+        flag="--dataset_dir",
     )
-    tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
-    trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
+    if diffusion:
+        pipeline = load_pipeline(model_config.model_name_or_path, model_config.dtype, default_device())
+        trainer = DiffusionTrainer(pipeline, args, dataset, model_config.model_name_or_path)
+    else:
+        tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
+        trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
     sharded = trainer.is_fsdp_enabled or (
         trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     )
@@ -107,19 +122,31 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
         output.mkdir(parents=True, exist_ok=True)
         (output / IN_PROGRESS).write_text(record)
     trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
-    if model_config.use_peft and model_config.merge_lora:
+    if diffusion:
+        trainer.save_pipeline(args.output_dir)
+    elif model_config.use_peft and model_config.merge_lora:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if trainer.is_world_process_zero():
             merged.save_pretrained(args.output_dir)
             tokenizer.save_pretrained(args.output_dir)
     else:
         trainer.save_model(args.output_dir)
-    trainer.create_model_card()
+    if not diffusion:  # a pipeline's card is written with it
+        trainer.create_model_card()
     if trainer.is_world_process_zero():
         # Written last: a model folder holding training.json is complete (`rlfree run` skips it on a re-run).
         finished_marker.write_text(record)
         (output / IN_PROGRESS).unlink()
     return trainer
+
+
+def check_diffusion_training(model_config: ModelConfig) -> None:
+    """What full fine-tuning of a pipeline's UNet does not take yet."""
+    if model_config.use_peft:
+        raise StageInputError(
+            f"--use_peft with the diffusion pipeline {model_config.model_name_or_path}: LoRA for UNets is not "
+            "supported yet; train all of the UNet's weights (drop --use_peft)"
+        )
 
 
 def checkpoint_to_resume(args: RLFreeConfig) -> str | None:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from datasets import Dataset, load_from_disk
 
-from ..data import check_output_dir, load_stage, process_state, save_stage
+from ..data import check_output_dir, load_stage, process_state, read_sidecars, save_stage
 from ..errors import StageInputError, check_finite
 from ..weights import (
     SAMPLES_PER_EXP_KL,
@@ -163,7 +163,16 @@ class WeightConfig:
         """The coefficient a target solves: beta when there is an rlhf term, else the rlif exponent gamma."""
         return "beta" if "rlhf" in self.weighting else "rlif_exponent"
 
-    def required_columns(self) -> tuple[str, ...]:
+    def required_columns(self, family: str | None = None) -> tuple[str, ...]:
+        """The input's columns this weighting reads; a diffusion model's samples come from pi_ref itself and carry
+        no log-probabilities."""
+        if family == "diffusion":
+            if "rlif" in self.weighting:
+                raise StageInputError(
+                    f"--weighting {self.weighting}: RLIF weights by log pi_ref of each sample, which a diffusion "
+                    "model does not give; use --weighting rlhf"
+                )
+            return ("prompt_index", "reward")
         columns = ("prompt_index", "ref_logprob", "proposal_logprob", "num_tokens")
         return columns + (("reward",) if "rlhf" in self.weighting else ())
 
@@ -196,19 +205,25 @@ def _column(dataset: Dataset, name: str) -> torch.Tensor:
     return values
 
 
+def proposal_correction(dataset: Dataset) -> torch.Tensor:
+    """log pi_ref - log p per row: zero for a diffusion model's samples, which come from pi_ref itself."""
+    if "ref_logprob" not in dataset.column_names:
+        return torch.zeros(len(dataset), dtype=torch.float64)
+    return _column(dataset, "ref_logprob") - _column(dataset, "proposal_logprob")
+
+
 def log_weight_parts(dataset: Dataset, config: WeightConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(correction, offset, statistic) with log w_i = offset_i + s * statistic_i before normalization.
 
     s is the coefficient a target solves for: 1 / beta on the reward when the weighting has an rlhf term, else gamma on
     log pi_ref. The correction log pi_ref - log p is part of the offset, as is the rlif term of rlhf+rlif.
     """
-    ref = _column(dataset, "ref_logprob")
-    correction = ref - _column(dataset, "proposal_logprob")
+    correction = proposal_correction(dataset)
     if "rlhf" not in config.weighting:
-        return correction, correction, ref
+        return correction, correction, _column(dataset, "ref_logprob")
     offset = correction
     if "rlif" in config.weighting:
-        offset = offset + rlif_exponents(config, torch.tensor(dataset["num_tokens"])) * ref
+        offset = offset + rlif_exponents(config, torch.tensor(dataset["num_tokens"])) * _column(dataset, "ref_logprob")
     return correction, offset, _column(dataset, "reward")
 
 
@@ -406,7 +421,8 @@ def weight(config: WeightConfig) -> Dataset:
     check_output_dir(config.output_dir, "weighting", asdict(config), {"--input_dir": config.input_dir})
     if state.is_main_process:
         hint = "rlhf weighting needs `rlfree score` output." if "rlhf" in config.weighting else ""
-        dataset = load_stage(config.input_dir, config.required_columns(), hint=hint)
+        family = read_sidecars(config.input_dir).get("generation", {}).get("family")
+        dataset = load_stage(config.input_dir, config.required_columns(family), hint=hint)
         dataset, summary = weight_dataset(dataset, config)
         print(f"weighting {config.weighting}:\n{format_summary(summary)}")
         for message in warnings_for(summary):

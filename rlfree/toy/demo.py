@@ -16,7 +16,7 @@ import torch
 from datasets import load_from_disk
 
 from .. import toy
-from ..errors import check_finite
+from ..errors import check_choice, check_finite
 from ..lm.modeling import load_causal_lm
 from ..lm.trainer import RLFreeConfig
 from ..stages.generate import GenerateConfig, generate
@@ -32,8 +32,19 @@ class DemoConfig:
     """Settings of `rlfree demo` (defaults finish in a few minutes on a 2-core CPU)."""
 
     output_dir: str = field(default="demo_output", metadata={"help": "Where every stage's output is written."})
+    family: str = field(
+        default="lm",
+        metadata={
+            "help": "lm: the exact toy LM task; diffusion: reward-weighted fine-tuning of a class-conditional UNet on "
+            "scikit-learn's 8x8 digits (the other flags but --beta and --seed are the LM demo's).",
+            "choices": ("lm", "diffusion"),
+        },
+    )
     weighting: str = field(default="rlhf", metadata={"help": "rlhf or rlif.", "choices": ("rlhf", "rlif")})
-    beta: float = field(default=0.5, metadata={"help": "KL coefficient of the rlhf target."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "KL coefficient of the rlhf target (default 0.5; 0.02 for the diffusion demo)."},
+    )
     rlif_exponent: float = field(default=1.0, metadata={"help": "gamma of the rlif target pi_ref^(1 + gamma)."})
     num_prompts: int = field(default=16, metadata={"help": "Addition prompts a + b = (at most 100)."})
     num_samples: int = field(default=256, metadata={"help": "Completions sampled per prompt."})
@@ -52,6 +63,9 @@ class DemoConfig:
 
     def __post_init__(self):
         check_finite(self)
+        check_choice("--family", self.family, ("lm", "diffusion"))
+        if self.beta is None:
+            self.beta = 0.02 if self.family == "diffusion" else 0.5
 
 
 def exact_report(logprobs: torch.Tensor, reference: dict) -> dict[str, float]:
@@ -106,6 +120,10 @@ def plot(rows: dict[str, dict[str, float]], weights: list[float], path: Path) ->
 
 def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     """Run the demo end to end; returns the exact figures per model (pi_ref, trained, pi*)."""
+    if config.family == "diffusion":
+        from ..diffusion.demo import run_digits_demo
+
+        return run_digits_demo(config)
     start = time.time()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from ...options import SamplerOptions
-from ..seeds import sample_seed, uniforms
+from ...seeds import sample_seed, uniforms
 from . import BackendModel, Draw
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ...errors import StageInputError
 from ...options import SamplerOptions
-from ..seeds import sample_seed
+from ...seeds import sample_seed
 from . import BackendModel, Draw
 
 # vLLM's CPU KV cache in GiB when the user has not set it. Unset, each engine would reserve

@@ -1,6 +1,7 @@
 """Per-sample randomness: a sample depends on (seed, prompt index, sample index) only, never on batching.
 
-`sample_seed` seeds an engine's per-request generator (vLLM). `uniforms` is the HF backend's counter-based noise: one
+Shared by every family. `sample_seed` seeds an engine's per-request generator (vLLM) and a diffusion sample's noise.
+`uniforms` is the HF backend's counter-based noise: one
 uniform per (sample, position), computed for a whole batch at once from the samples' seeds, with no generator state
 to carry between steps and nothing shared between rows.
 """

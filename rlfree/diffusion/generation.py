@@ -1,0 +1,167 @@
+"""`rlfree generate` on a diffusers pipeline: N seeded samples per condition, stored as the model made them.
+
+Each row holds `sample` (the model-space tensor, [C, H, W], what the trainer denoises) and `completion` (the image,
+[H, W, C] floats in [0, 1], as `pipeline(output_type="np")` gives it: what reward functions see). The sampler is the
+base pipeline itself, so the weights need no proposal correction and the rows carry no log-probabilities (a
+diffusion model's exact likelihood is not available). `grids/` holds a PNG grid per condition to look at.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from datasets import Array3D, Dataset, Features, Value
+
+from ..data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards
+from ..errors import StageInputError
+from ..seeds import sample_seed
+from .pipeline import denoise, load_pipeline, num_classes, sample_shape, to_images, unet_config
+
+if TYPE_CHECKING:
+    from ..stages.generate import GenerateConfig
+
+# Flags of `generate` that only mean something for language models, with the value that leaves them off.
+LM_ONLY = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "backend": "hf",
+}
+
+
+def check_diffusion_flags(config: GenerateConfig) -> None:
+    set_flags = [f"--{name}" for name, off in LM_ONLY.items() if getattr(config, name) != off]
+    if set_flags:
+        raise StageInputError(
+            f"{', '.join(set_flags)}: not available for a diffusion pipeline ({config.model_name_or_path}); the "
+            "samples come from the pipeline's own scheduler with --num_inference_steps"
+        )
+    if config.ref_model is not None and config.guidance_scale is None:
+        raise StageInputError(
+            f"--ref_model {config.ref_model} without --guidance_scale: a diffusion pipeline is sampled as it is (its "
+            "samples carry no log-probabilities to correct); --guidance_scale W mixes it with --ref_model (RLG)"
+        )
+    if config.ref_model is not None and architecture(config.ref_model) != architecture(config.model_name_or_path):
+        raise StageInputError(
+            f"--ref_model {config.ref_model} and --model_name_or_path {config.model_name_or_path} have different UNet "
+            "architectures: guidance mixes their predictions step by step, so one must be fine-tuned from the other"
+        )
+
+
+def architecture(path: str) -> dict:
+    """A UNet's config without the bookkeeping (`_name_or_path`, versions): what two mixable UNets share."""
+    return {key: value for key, value in unet_config(path).items() if not key.startswith("_")}
+
+
+def conditions(config: GenerateConfig, classes: int | None) -> list[dict]:
+    """One row per condition: {prompt, class_label?, extra columns}. An unconditional pipeline has one, with no text."""
+    if classes is None:
+        if config.prompts is not None:
+            raise StageInputError(
+                f"--prompts {config.prompts}: {config.model_name_or_path} is an unconditional pipeline, it takes no "
+                "prompts; drop --prompts (its N samples form one group)"
+            )
+        return [{"prompt": ""}]
+    if config.prompts is None:
+        raise StageInputError(
+            f"{config.model_name_or_path} is class-conditional ({classes} classes): give --prompts, a file whose "
+            f"`prompt` column holds class labels (0..{classes - 1})"
+        )
+    rows = list(load_prompts(config.prompts, config.prompts_split))
+    for row_number, row in enumerate(rows):
+        text = row["prompt"].strip()
+        if not text.isdigit() or int(text) >= classes:
+            raise StageInputError(
+                f"--prompts {config.prompts}: row {row_number}'s prompt {row['prompt']!r} is not a class label of "
+                f"{config.model_name_or_path} (an integer in 0..{classes - 1})"
+            )
+        row["class_label"] = int(text)
+    return rows
+
+
+def features(rows: list[dict], shape: tuple[int, int, int]) -> Features:
+    channels, height, width = shape
+    types = {
+        "prompt": Value("string"),
+        "prompt_index": Value("int64"),
+        "sample_index": Value("int64"),
+        "completion": Array3D((height, width, channels), "float32"),
+        "sample": Array3D(shape, "float32"),
+    }
+    if "class_label" in rows[0]:
+        types["class_label"] = Value("int64")
+    return Features(types | {name: None for name in rows[0] if name not in types})
+
+
+def generate_samples(config: GenerateConfig) -> Dataset:
+    """The generation stage for a pipeline: shards of `--shard_size` samples, resumed after an interrupt."""
+    check_diffusion_flags(config)
+    state = process_state()
+    path = config.model_name_or_path
+    unet = unet_config(path)
+    rows = conditions(config, num_classes(unet))
+    jobs = [(p, s) for p in range(len(rows)) for s in range(config.num_samples)]
+    settings = asdict(config) | {"family": "diffusion", "num_prompts": len(rows), "model_stamp": folder_stamp(path)}
+    if config.ref_model is not None:
+        settings["ref_model_stamp"] = folder_stamp(config.ref_model)
+    inputs = {"--model_name_or_path": path, "--prompts": config.prompts, "--ref_model": config.ref_model}
+    check_output_dir(config.output_dir, "generation", asdict(config), inputs)
+
+    @functools.cache
+    def pipeline():
+        return load_pipeline(path, config.dtype, state.device)
+
+    @functools.cache
+    def ref_unet():
+        return None if config.ref_model is None else load_pipeline(config.ref_model, config.dtype, state.device).unet
+
+    def make_shard(positions: range) -> Dataset:
+        unet = pipeline().unet
+        shard = [jobs[position] for position in positions]
+        columns: dict[str, list] = {}
+        for start in range(0, len(shard), config.batch_size):
+            batch = shard[start : start + config.batch_size]
+            labels = None
+            if "class_label" in rows[0]:
+                labels = torch.tensor([rows[p]["class_label"] for p, _ in batch])
+            seeds = [sample_seed(config.seed, p, s) for p, s in batch]
+            samples = denoise(
+                unet, pipeline().scheduler, seeds, labels, config.num_inference_steps, ref_unet(),
+                1.0 if config.guidance_scale is None else config.guidance_scale,
+            )  # fmt: skip
+            for (p, s), sample, image in zip(batch, samples.float().cpu().numpy(), to_images(samples), strict=True):
+                row = rows[p] | {"prompt_index": p, "sample_index": s, "completion": image, "sample": sample}
+                for name, value in row.items():
+                    columns.setdefault(name, []).append(value)
+        return Dataset.from_dict(columns, features=features(rows, sample_shape(unet)))
+
+    dataset = run_in_shards(config.output_dir, "generation", settings, len(jobs), config.shard_size, make_shard)
+    if state.is_main_process:
+        save_grids(dataset, Path(config.output_dir) / "grids")
+    return dataset
+
+
+def save_grids(dataset: Dataset, folder: Path, columns: int = 8) -> None:
+    """One PNG per condition, its samples in rows of `columns` (what a person looks at; the data is the dataset)."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    table = dataset.select_columns(["prompt_index", "completion"]).with_format("numpy")[:]
+    prompt_index = table["prompt_index"]
+    images = table["completion"]
+    for prompt in np.unique(prompt_index):
+        group = images[prompt_index == prompt]
+        count, height, width, channels = group.shape
+        rows = math.ceil(count / columns)
+        grid = np.ones((rows * (height + 1) + 1, min(count, columns) * (width + 1) + 1, channels), np.float32)
+        for position, image in enumerate(group):
+            top, left = 1 + (position // columns) * (height + 1), 1 + (position % columns) * (width + 1)
+            grid[top : top + height, left : left + width] = image
+        pixels = (grid * 255).round().astype(np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(folder / f"prompt-{prompt}.png")

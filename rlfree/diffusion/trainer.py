@@ -1,0 +1,78 @@
+"""The weighted denoising loss (anthology eq. 38-39) as a small `transformers.Trainer` subclass.
+
+    loss(theta) = sum_c sum_i w_i * E_{t, eps} || target(x_i, eps, t) - net_theta(x_i,t, c, t) ||²
+
+with w_i ∝ exp(r(x_i, c)/beta) self-normalized per condition over N samples of the base pipeline (`rlfree weight`),
+so the fine-tuned model targets p_base(x|c)·exp(r(x, c)/beta)/Z. The target and noising follow the pipeline's
+scheduler (epsilon, v_prediction, sample, or flow matching), and the loss is normalized per optimizer step across
+micro-batches and ranks exactly as the LM trainer's (`rlfree.training`). The result is the base pipeline with the
+trained UNet, saved where `DiffusionPipeline.from_pretrained` (and the pipeline's own class) loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import Trainer
+
+from ..data import read_sidecars
+from ..errors import StageInputError
+from ..lm.trainer import RLFreeConfig, model_card
+from ..training import weight_scale, weighted_step_loss
+from .pipeline import denoising_loss
+
+TRAIN_COLUMNS = ("sample", "weight")
+
+
+class DenoisingCollator:
+    """Model-space samples, their (rescaled) weights and, for a class-conditional UNet, their class labels."""
+
+    def __init__(self, weight_scale: float):
+        self.weight_scale = weight_scale
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {
+            "samples": torch.from_numpy(np.stack([np.asarray(f["sample"], dtype=np.float32) for f in features])),
+            "weight": torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale,
+        }
+        if "class_label" in features[0]:
+            batch["class_labels"] = torch.tensor([f["class_label"] for f in features])
+        return batch
+
+
+class DiffusionTrainer(Trainer):
+    """Trainer whose loss is the weighted denoising loss of the pipeline's UNet, normalized per optimizer step."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's row count
+
+    def __init__(self, pipeline, args: RLFreeConfig, train_dataset: Dataset, base_model: str, **kwargs):
+        scale = weight_scale(train_dataset, TRAIN_COLUMNS, "train on the output of `rlfree weight`")
+        self.pipeline = pipeline
+        self.base_model = base_model
+        columns = [*TRAIN_COLUMNS, *(["class_label"] if "class_label" in train_dataset.column_names else [])]
+        if pipeline.unet.config.num_class_embeds and "class_label" not in columns:
+            raise StageInputError("the UNet is class-conditional but the training data has no class_label column")
+        super().__init__(
+            model=pipeline.unet,
+            args=args,
+            train_dataset=train_dataset.select_columns(columns),
+            data_collator=DenoisingCollator(scale),
+            **kwargs,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        per_sample = denoising_loss(model, self.pipeline.scheduler, inputs["samples"], inputs.get("class_labels"))
+        loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
+        return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
+
+    def save_pipeline(self, output_dir: str) -> None:
+        """The base pipeline with the trained UNet, as `DiffusionPipeline.from_pretrained` reads it, and its card."""
+        if not self.is_world_process_zero():
+            return
+        self.pipeline.register_modules(unet=self.accelerator.unwrap_model(self.model))
+        self.pipeline.save_pretrained(output_dir)
+        card = model_card(self.base_model, read_sidecars(self.args.dataset_dir), self.args.dataset_dir, self.args)
+        Path(output_dir, "README.md").write_text(card)
