@@ -36,6 +36,13 @@ def check_local_exists(flag: str, name_or_path: str, what: str, local_suffixes: 
     return True
 
 
+def same_source(name_a: str, name_b: str) -> bool:
+    """Whether two flags name the same model or dataset: equal Hub ids, or the same local file or folder."""
+    if name_a == name_b:
+        return True
+    return Path(name_a).exists() and Path(name_b).exists() and Path(name_a).resolve() == Path(name_b).resolve()
+
+
 def load_model_config(flag: str, name_or_path: str, trust_remote_code: bool = False):
     """The `transformers` config of a model folder or Hub id, checked so that loading the weights later cannot fail
     on a missing folder, a folder without weights or custom code that needs --trust_remote_code."""

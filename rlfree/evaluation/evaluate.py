@@ -28,6 +28,7 @@ from ..data import process_state, read_sidecars
 from ..diffusion import is_pipeline
 from ..errors import StageInputError
 from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
+from ..sources import same_source
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
 from ..stages.weight import format_rows
@@ -181,13 +182,10 @@ def describe_sampler(settings: dict[str, Any]) -> str:
 
 def check_sampler_prompts(picks: Path, settings: dict[str, Any], config: EvaluateConfig) -> None:
     """A sampler's picks are compared on the prompts they were drawn for, or not at all."""
-    recorded = (settings["prompts"], settings["prompts_split"])
-    if recorded != (config.prompts, config.prompts_split) and not (
-        Path(recorded[0]).exists() and Path(recorded[0]).resolve() == Path(config.prompts).resolve()
-        and recorded[1] == config.prompts_split
-    ):  # fmt: skip
+    prompts, split = settings["prompts"], settings["prompts_split"]
+    if not same_source(prompts, config.prompts) or split != config.prompts_split:
         raise StageInputError(
-            f"{picks} holds picks for --prompts {recorded[0]} (split {recorded[1]}), not {config.prompts} "
+            f"{picks} holds picks for --prompts {prompts} (split {split}), not {config.prompts} "
             f"(split {config.prompts_split}): pass the prompts the sampler ran on, or sample these prompts"
         )
 

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import StageInputError
+from ..sources import same_source
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,6 @@ def adapter_base(name_or_path: str) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path")
 
 
-def same_model(name_a: str, name_b: str) -> bool:
-    """Whether two --model flags name the same model: equal Hub ids, or the same local folder."""
-    if name_a == name_b:
-        return True
-    return Path(name_a).exists() and Path(name_b).exists() and Path(name_a).resolve() == Path(name_b).resolve()
-
-
 class AdapterOff:
     """pi_ref served by the weights of a PEFT-adapted model with its adapter disabled (as RLG's code does with
     `disable_adapter()`): the tuned model and its base share one set of base weights in memory.
@@ -106,7 +100,7 @@ def load_reference(
     """--ref_model beside an already loaded --model_name_or_path: when that is a PEFT adapter on this very reference,
     the adapted model with its adapter off (one copy of the base weights), else the reference loaded on its own."""
     base = adapter_base(model_path)
-    if base is not None and same_model(base, ref_path):
+    if base is not None and same_source(base, ref_path):
         return AdapterOff(model)
     return load_causal_lm(ref_path, dtype, trust_remote_code, device)
 
