@@ -61,9 +61,10 @@ def test_samples_depend_on_seed_prompt_and_index_only(random_pipeline, tmp_path)
 
 def test_prompts_are_class_labels_of_a_class_conditional_unet(class_pipeline, random_pipeline, tmp_path):
     prompts = tmp_path / "classes.jsonl"
-    prompts.write_text('{"prompt": "1"}\n{"prompt": "0"}\n')
+    prompts.write_text('{"prompt": "1", "note": "a"}\n{"prompt": "0", "note": "b"}\n')
     dataset = generate(GenerateConfig(str(class_pipeline), str(prompts), str(tmp_path / "out"), num_samples=3, num_inference_steps=2))  # fmt: skip
     assert dataset["class_label"] == [1, 1, 1, 0, 0, 0] and dataset["prompt"][0] == "1"
+    assert dataset["note"] == ["a"] * 3 + ["b"] * 3  # extra prompt columns travel along, to the rewards
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "2"}\n')
     with pytest.raises(StageInputError, match="not a class label"):

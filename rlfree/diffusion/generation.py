@@ -86,6 +86,7 @@ def conditions(config: GenerateConfig, classes: int | None) -> list[dict]:
 
 
 def features(rows: list[dict], shape: tuple[int, int, int]) -> Features:
+    """The types of the stage's own columns; the prompts' extra columns keep the types `datasets` infers."""
     channels, height, width = shape
     types = {
         "prompt": Value("string"),
@@ -96,7 +97,7 @@ def features(rows: list[dict], shape: tuple[int, int, int]) -> Features:
     }
     if "class_label" in rows[0]:
         types["class_label"] = Value("int64")
-    return Features(types | {name: None for name in rows[0] if name not in types})
+    return Features(types)
 
 
 def generate_samples(config: GenerateConfig) -> Dataset:
@@ -139,7 +140,11 @@ def generate_samples(config: GenerateConfig) -> Dataset:
                 row = rows[p] | {"prompt_index": p, "sample_index": s, "completion": image, "sample": sample}
                 for name, value in row.items():
                     columns.setdefault(name, []).append(value)
-        return Dataset.from_dict(columns, features=features(rows, sample_shape(unet)))
+        types = features(rows, sample_shape(unet))
+        dataset = Dataset.from_dict({name: columns[name] for name in types}, features=types)
+        for name in columns.keys() - types.keys():
+            dataset = dataset.add_column(name, columns[name])
+        return dataset
 
     dataset = run_in_shards(config.output_dir, "generation", settings, len(jobs), config.shard_size, make_shard)
     if state.is_main_process:

@@ -211,7 +211,7 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
         "ref_model": config.ref_model,
         "num_prompts": len(groups.count),
         "num_samples": config.num_samples if sampling is None else sampling["num_picks"],
-        "temperature": config.temperature,
+        "temperature": config.temperature if sampling is None else sampling["temperature"],
         "confidence": config.confidence,
         "interval": "percentile bootstrap over prompts",
     }
@@ -222,7 +222,6 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
         report["cost_per_sample"] = model_cost(tokens)
     else:
         report |= {"sampler": describe_sampler(sampling), "cost_per_sample": sampling["cost"]["per_pick"]}
-        report["temperature"] = sampling["temperature"]
     report["num_tokens"] = {"mean": float(tokens.mean()), "median": float(np.median(tokens)), "max": int(tokens.max())}
     reasons, counts = np.unique(columns["finish_reason"], return_counts=True)
     report["finish_reasons"] = {str(r): float(c / len(dataset)) for r, c in zip(reasons, counts, strict=True)}
