@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .errors import StageInputError
 from .sources import check_local_exists
 
-SIDECARS = ("generation", "scoring", "weighting", "training", "sampling")
+SIDECARS = ("generation", "scoring", "classifying", "weighting", "training", "sampling")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

@@ -229,3 +229,107 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, samples[:3], None)
     expected = (torch.tensor(weights[:3]) * 6 / sum(weights) * per_sample).sum() / (3 * 2)
     torch.testing.assert_close(loss, expected)
+
+
+def finite_n_plus_frequency(plus: float, log_weight: tuple[float, float], n: int) -> float:
+    """P(the pick is +) when one of n candidates, each + with probability `plus`, is picked ∝ exp(log_weight[k]):
+    exact, by enumerating how many candidates are +."""
+    from math import comb, exp
+
+    minus_weight, plus_weight = exp(log_weight[0]), exp(log_weight[1])
+    return sum(
+        comb(n, m) * plus**m * (1 - plus) ** (n - m) * m * plus_weight / (m * plus_weight + (n - m) * minus_weight)
+        for m in range(1, n + 1)
+    )
+
+
+def test_cfg_as_soft_best_of_n_matches_its_exact_finite_n_target():
+    """With the mixture's exact denoiser, the classifier estimate (eq. 36-37) reproduces log p(c|x) - log p(c) in
+    closed form, and picking one of N samples of p(x|c) ∝ p(c|x)^w gives the + frequency that enumeration over the N
+    candidates' components predicts: not p(x|c)'s, and short of its N → ∞ limit p(x|c)·p(c|x)^w (eq. 35)."""
+    from datasets import Dataset
+
+    from rlfree.diffusion.classifier import class_log_ratio
+    from rlfree.stages.sample import pick_dataset
+
+    plus_weights, null_weight = (0.2, 0.7), 0.45  # the null class sees both classes' images: their mixture
+    denoiser = toy.MixtureDenoiser(toy.scheduler(), [*plus_weights, null_weight])
+    n, picks, scale, estimates = 4, 1000, 1.0, 64
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(picks * n)
+    samples = toy.mixture_samples(torch.tensor(plus_weights)[labels], len(labels), generator)
+    ratio, stderr = class_log_ratio(denoiser, toy.scheduler(), samples, labels, 2, list(range(len(labels))), estimates)
+    exact = torch.stack([toy.mixture_log_density(samples, w) for w in (*plus_weights, null_weight)], 1)
+    exact = exact.gather(1, labels.view(-1, 1)).view(-1) - exact[:, 2]
+    components = toy.component(samples)
+    for c in range(2):
+        for k in range(2):
+            group = (labels == c) & torch.from_numpy(components == k)
+            error = ratio[group] - exact[group]
+            # The bound's difference overstates |log ratio| by about 3% (0.02 here); the errors are what they claim.
+            assert abs(error.mean()) < 0.06 and 0.8 < error.std() / stderr[group].mean() < 1.3, (c, k, error)
+    assert 0.1 < stderr.mean() < 0.3  # one draw's standard deviation is about 1.7, as the docstring says
+    candidates = Dataset.from_dict(
+        {"prompt_index": labels.tolist(), "sample_index": (torch.arange(len(labels)) % (picks * n)).tolist()}
+    )
+    picked = pick_dataset(candidates, scale * ratio, n, picks, seed=3)
+    for c, plus in enumerate(plus_weights):
+        # Up to the draw of each sample, log p(c|x) - log p(c) is log(pi_c(k) / pi_null(k)) for its component k.
+        exact_by_component = [
+            float(exact[(labels == c) & torch.from_numpy(components == k)].mean()) for k in (0, 1)
+        ]  # fmt: skip
+        expected = np.log([(1 - plus) / (1 - null_weight), plus / null_weight])
+        np.testing.assert_allclose(exact_by_component, expected, atol=1e-3)
+        rows = [row for row in picked if row["prompt_index"] == c]
+        frequency = components[[c * picks * n + row["sample_index"] for row in rows]].mean()
+        target = finite_n_plus_frequency(plus, tuple(scale * expected), n)
+        limit = plus * (plus / null_weight) ** scale
+        limit /= limit + (1 - plus) * ((1 - plus) / (1 - null_weight)) ** scale
+        stderr_picks = (target * (1 - target) / picks) ** 0.5
+        print(
+            f"class {c}: + in p(x|c) {plus}, picks {frequency:.3f}, exact best-of-{n} {target:.3f}, N → ∞ {limit:.3f}"
+        )
+        # Pick noise, plus what 64 noisy estimates per candidate do to exp(w·ratio) (a shift of about 0.01).
+        assert abs(frequency - target) < 4 * stderr_picks + 0.02, (c, frequency, target, limit)
+        assert abs(target - plus) > 0.05 and abs(limit - plus) > abs(target - plus)
+
+
+def test_cfg_best_of_n_stage_picks_by_the_pipelines_own_classifier(class_pipeline, random_pipeline, tmp_path):
+    """`rlfree sample --cfg_best_of_n N --null_class K` on a class-conditional pipeline: every candidate carries the
+    estimate of log p(c|x) - log p(c) computed with its own (t, eps) draws whatever the batch, each pick's probability
+    is softmax(w·estimate) over its N candidates, and the cost counts the estimate's UNet passes."""
+    from rlfree.diffusion.classifier import class_log_ratio
+    from rlfree.seeds import stream_seed
+    from rlfree.stages.sample import SampleConfig, sample
+
+    prompts = tmp_path / "classes.jsonl"
+    prompts.write_text('{"prompt": "0"}\n')
+    n, picks, scale, estimates = 3, 5, 2.0, 4
+    settings = {"cfg_best_of_n": n, "null_class": 1, "num_picks": picks, "num_inference_steps": 2}
+    picked = sample(
+        SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "cfg"), cfg_scale=scale,
+                     classifier_estimates=estimates, batch_size=4, **settings)
+    )  # fmt: skip
+    classified = load_from_disk(str(tmp_path / "cfg" / "classified")).with_format("torch")[:]
+    pipeline = load_pipeline(str(class_pipeline))
+    seeds = [stream_seed(42, "classifier", 0, s) for s in classified["sample_index"].tolist()]
+    again, _ = class_log_ratio(pipeline.unet, pipeline.scheduler, classified["sample"], classified["class_label"], 1, seeds, estimates)  # fmt: skip
+    torch.testing.assert_close(
+        classified["class_log_ratio"].double(), again, rtol=1e-4, atol=1e-5
+    )  # batch of 15, not 4
+    assert (classified["class_log_ratio_stderr"] > 0).all()
+    log_weight = scale * classified["class_log_ratio"].double().view(picks, n)
+    probability = torch.softmax(log_weight, 1)[torch.arange(picks), torch.tensor(picked["sample_index"]) % n]
+    np.testing.assert_allclose(picked["pick_probability"], probability.numpy(), rtol=1e-6)
+    sidecar = json.loads((tmp_path / "cfg" / "picked" / "sampling.json").read_text())
+    assert sidecar["cost"]["per_pick"] == {"sequences": n, "tokens": 2 * n, "model_tokens": 2 * n + 2 * estimates * n, "reward_calls": 0}  # fmt: skip
+    classifier = json.loads((tmp_path / "cfg" / "picked" / "classifying.json").read_text())["classifier"]
+    assert classifier["unet_passes_per_sample"] == 2 * estimates and classifier["mean_stderr"] > 0
+    with pytest.raises(StageInputError, match="--null_class"):
+        SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "e"), cfg_best_of_n=n)
+    with pytest.raises(StageInputError, match="unconditional"):
+        SampleConfig(str(random_pipeline), None, str(tmp_path / "e"), cfg_best_of_n=n, null_class=0)
+    with pytest.raises(StageInputError, match="not a reward"):
+        SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "e"), reward=[REWARD], **settings)
+    with pytest.raises(StageInputError, match="also a prompt's class label"):
+        sample(SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "same"), **settings | {"null_class": 0}))

@@ -90,6 +90,18 @@ def denoise(
     return x
 
 
+def predicted_noise(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str):
+    """The network's output as a noise prediction, whatever it predicts (epsilon, v_prediction or sample)."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return b * noisy + a * output
+    if prediction_type == "sample":
+        return (noisy - a * output) / b
+    raise StageInputError(f"the scheduler's prediction_type {prediction_type!r} is not supported")
+
+
 def to_images(samples: torch.Tensor) -> np.ndarray:
     """[B, H, W, C] floats in [0, 1], exactly as `DDPMPipeline(output_type="np")` turns its samples into images."""
     return (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()

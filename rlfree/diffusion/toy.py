@@ -1,16 +1,19 @@
 """A diffusion task whose tilted target is known in closed form: small images from a mixture of two Gaussians.
 
-Every pixel of an image of component k is mu_k + sigma·noise (mu = -0.3 or +0.3): the component of a sample is the
-sign of its mean pixel, with no ambiguity at these scales. A reward that depends on the component tilts the
-component weights exactly: p*(k) ∝ p(k)·exp(r_k/beta), and leaves each component's shape alone. Against the base
-*model's* own component frequencies (not the data's: pi_ref is the model), that is the target every stage is checked
-against.
+Every pixel of a sample of component k is mu_k + sigma·noise in model space (mu = -0.3 or +0.3, sigma = 0.3; the
+image is sample/2 + 1/2): the component of a sample is the sign of its mean pixel, with no ambiguity at these
+scales. A reward that depends on the component tilts the component weights exactly: p*(k) ∝ p(k)·exp(r_k/beta), and
+leaves each component's shape alone. Against the base *model's* own component frequencies (not the data's: pi_ref is
+the model), that is the target every stage is checked against. `MixtureDenoiser` is the exact noise prediction of
+such mixtures: a perfectly trained UNet, in closed form.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,11 +41,68 @@ def tilted_plus_weight(plus_weight: float | np.ndarray, beta: float) -> float | 
     return tilted / (tilted + 1 - plus_weight)
 
 
+class MixtureDenoiser(torch.nn.Module):
+    """The exact noise prediction E[eps | x_t] of a class-conditional mixture of the two components, in closed form:
+    what a perfectly trained UNet would output, called as a UNet is (`unet(x_t, t, class_labels=...).sample`).
+
+    `plus_weights[c]` is class c's + weight; the last entry may be the null class (the mixture over classes). In model
+    space, x_t = a·x0 + b·eps given component k is N(a·mu_k, v·I), v = a²·STD² + b², and E[eps | x_t, k] =
+    b·(x_t - a·mu_k)/v.
+    """
+
+    def __init__(self, scheduler, plus_weights: list[float]):
+        super().__init__()
+        self.alpha_bars = scheduler.alphas_cumprod.double()
+        self.plus_weights = torch.tensor(plus_weights, dtype=torch.float64)
+        self.config = SimpleNamespace(sample_size=SIZE, in_channels=1)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None):
+        x = noisy.double()
+        alpha_bar = self.alpha_bars[torch.as_tensor(timesteps).long().expand(len(x))].view(-1, 1, 1, 1)
+        a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        variance = a**2 * STD**2 + b**2
+        labels = torch.zeros(len(x), dtype=torch.long) if class_labels is None else class_labels.long().cpu()
+        plus = self.plus_weights[labels]
+        log_joint = []
+        for mean, weight in ((MEANS[0], 1 - plus), (MEANS[1], plus)):
+            squared = (x - a * mean).pow(2).flatten(1).sum(1) / variance.flatten()
+            log_joint.append(weight.log() - squared / 2)
+        posterior_plus = torch.softmax(torch.stack(log_joint, 1), 1)[:, 1].view(-1, 1, 1, 1)
+        mean = MEANS[0] + posterior_plus * (MEANS[1] - MEANS[0])
+        return SimpleNamespace(sample=(b * (x - a * mean) / variance).float())
+
+
+def mixture_log_density(samples: torch.Tensor, plus_weight: float) -> torch.Tensor:
+    """log p(x) of model-space samples under the mixture with `plus_weight` on the + component (float64)."""
+    x = samples.double().flatten(1)
+    logs = [
+        math.log(weight) - (x - mean).pow(2).sum(1) / (2 * STD**2)
+        for mean, weight in ((MEANS[0], 1 - plus_weight), (MEANS[1], plus_weight))
+    ]
+    return torch.logsumexp(torch.stack(logs, 1), 1) - x.shape[1] * math.log(STD * math.sqrt(2 * math.pi))
+
+
+def scheduler():
+    """The toy's 100-step cosine DDPM scheduler. Trailing timestep spacing: sampling with fewer steps still starts at the
+    last, pure-noise step (the default "leading" spacing starts short of it, which skews the mixture weights a sampler
+    reproduces)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+
+
 def build_pipeline(folder: str | Path, num_class_embeds: int | None = None, seed: int = 0, sample_size: int = SIZE):
-    """A tiny random UNet2DModel (1 channel, `sample_size` pixels square) with a 100-step cosine DDPM scheduler, saved
-    as a DDPMPipeline folder. Trailing timestep spacing: sampling with fewer steps still starts at the last, pure-noise
-    step (the default "leading" spacing starts short of it, which skews the mixture weights a sampler reproduces)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    """A tiny random UNet2DModel (1 channel, `sample_size` pixels square) with the toy's `scheduler`, saved as a
+    DDPMPipeline folder."""
+    from diffusers import DDPMPipeline, UNet2DModel
 
     torch.manual_seed(seed)
     unet = UNet2DModel(
@@ -50,8 +110,7 @@ def build_pipeline(folder: str | Path, num_class_embeds: int | None = None, seed
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=8, num_class_embeds=num_class_embeds,
     )  # fmt: skip
-    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler())
     pipeline.save_pretrained(folder)
     return pipeline
 
@@ -85,13 +144,39 @@ def fit_pipeline(
     pipeline.save_pretrained(folder)
 
 
+def mixture_samples(plus_weight: float | torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` model-space samples ([count, 1, SIZE, SIZE]) of the mixture with `plus_weight` on + (one weight, or
+    one per sample)."""
+    plus = torch.rand(count, generator=generator) < plus_weight
+    means = torch.where(plus, MEANS[1], MEANS[0]).view(-1, 1, 1, 1)
+    return means + STD * torch.randn(count, 1, SIZE, SIZE, generator=generator)
+
+
 def train_base(folder: str | Path, plus_weight: float, steps: int = 400, batch_size: int = 64, seed: int = 0) -> None:
     """Fit the unconditional pipeline in `folder` to the mixture with `plus_weight` on the + component: the toy
     pi_ref, in about 40 s on 2 CPU cores."""
+    fit_pipeline(
+        folder, lambda generator: (mixture_samples(plus_weight, batch_size, generator), None), steps, seed=seed
+    )
 
-    def draw_batch(generator: torch.Generator) -> tuple[torch.Tensor, None]:
-        plus = torch.rand(batch_size, generator=generator) < plus_weight
-        means = torch.where(plus, MEANS[1], MEANS[0]).view(-1, 1, 1, 1)
-        return means + STD * torch.randn(batch_size, 1, SIZE, SIZE, generator=generator), None
+
+def train_classes(
+    folder: str | Path,
+    plus_weights: tuple[float, ...],
+    null_probability: float = 0.2,
+    steps: int = 600,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """Fit the class-conditional pipeline in `folder` (num_class_embeds = len(plus_weights) + 1) as CFG models are
+    trained: class c's images are the mixture with plus_weights[c] on +, and with probability `null_probability` the
+    label is replaced by the null class, len(plus_weights), whose images are therefore the mixture over classes."""
+    weights = torch.tensor(plus_weights)
+
+    def draw_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(len(plus_weights), (batch_size,), generator=generator)
+        samples = mixture_samples(weights[labels], batch_size, generator)
+        dropped = torch.rand(batch_size, generator=generator) < null_probability
+        return samples, torch.where(dropped, len(plus_weights), labels)
 
     fit_pipeline(folder, draw_batch, steps, seed=seed)

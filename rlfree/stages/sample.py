@@ -9,6 +9,9 @@
   mix (pi_ref·exp(W·r/beta) when the tuned model is the optimum at beta). M = 1 is plain token-level mixing.
 - **Energy-guided** (`--energy_guided`, `rlfree.lm.energy`): pi* block by block, each block soft best-of-M with
   energies estimated by K rollouts.
+- **Classifier-free guidance as soft best-of-N** (`--cfg_best_of_n N`, class-conditional diffusion pipelines,
+  `rlfree.diffusion.classifier`): N samples of p(x|c), one picked ∝ p(c|x)^w, with log p(c|x) estimated from the
+  pipeline's own conditional and unconditional denoising losses; tends to p(x|c)·p(c|x)^w.
 
 Each writes `OUTPUT_DIR/picked`, `--num_picks` rows per prompt with `pick_index`, `pick_probability` and what the pick
 cost (`cost_sequences`, `cost_tokens`, `cost_model_tokens`: tokens times the models that ran on them, `cost_reward_calls`),
@@ -28,6 +31,7 @@ from datasets import Dataset
 
 from ..data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards, save_stage
 from ..diffusion import is_pipeline
+from ..diffusion.classifier import check_null_class, classify
 from ..errors import StageInputError
 from ..lm.backends import BackendModel, load_backend
 from ..lm.energy import EnergySearch
@@ -97,9 +101,40 @@ class EnergyOptions(Options):
     )
 
 
+@dataclass(kw_only=True)
+class ClassifierOptions(Options):
+    """Classifier-free guidance as soft best-of-N (anthology eq. 35-37), for class-conditional diffusion pipelines."""
+
+    cfg_best_of_n: int | None = field(
+        default=None,
+        metadata={
+            "help": "Candidates N per pick, drawn from p(x|c); one picked ∝ p(c|x)^--cfg_scale, log p(c|x) estimated "
+            "by the pipeline's conditional minus unconditional denoising losses (needs --null_class)."
+        },
+    )
+    cfg_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "w: picks tend to p(x|c)·p(c|x)^w, what CFG's guidance scale 1 + w aims at; 0 = no guidance."
+        },
+    )
+    null_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "The class label the UNet was trained with in place of a dropped condition (its null class)."
+        },
+    )
+    classifier_estimates: int = field(
+        default=16,
+        metadata={"help": "Draws of (t, noise) per candidate estimating log p(c|x); each costs 2 UNet passes."},
+    )
+
+
 @dataclass
-class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, GuidanceOptions, EnergyOptions):
-    """Settings of `rlfree sample`: one of --soft_best_of_n, --guidance_scale or --energy_guided."""
+class SampleConfig(
+    SamplerOptions, RewardOptions, PromptOptions, LoadOptions, GuidanceOptions, EnergyOptions, ClassifierOptions
+):
+    """Settings of `rlfree sample`: one of --soft_best_of_n, --guidance_scale, --energy_guided or --cfg_best_of_n."""
 
     model_name_or_path: str = field(
         metadata={"help": "Model sampled from: pi_ref, or the tuned model with --guidance_scale."}
@@ -122,11 +157,13 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
     def sampler(self) -> str:
         if self.guidance_scale is not None:
             return "guided"
+        if self.cfg_best_of_n is not None:
+            return "cfg_best_of_n"
         return "energy_guided" if self.energy_guided else "soft_best_of_n"
 
     @property
     def reward_required(self) -> bool:
-        return self.guidance_scale is None
+        return self.sampler in ("soft_best_of_n", "energy_guided")
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,13 +174,15 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
                 ("--soft_best_of_n", self.soft_best_of_n is not None),
                 ("--guidance_scale", self.guidance_scale is not None),
                 ("--energy_guided", self.energy_guided),
+                ("--cfg_best_of_n", self.cfg_best_of_n is not None),
             )
             if on
         ]
         if len(chosen) != 1:
             raise StageInputError(
                 f"choose one sampler (got {', '.join(chosen) or 'none'}): --soft_best_of_n N with a reward, "
-                "--guidance_scale W with --ref_model, or --energy_guided with a reward"
+                "--guidance_scale W with --ref_model, --energy_guided with a reward, or --cfg_best_of_n N with "
+                "--null_class (class-conditional diffusion pipelines)"
             )
         if self.num_picks < 1:
             raise StageInputError(f"--num_picks must be >= 1, got {self.num_picks}")
@@ -174,8 +213,28 @@ class SampleConfig(SamplerOptions, RewardOptions, PromptOptions, LoadOptions, Gu
                     "--guidance_scale uses no reward (the tuned model carries it); drop --reward/--reward_model and "
                     "score the picks with `rlfree score` or `rlfree evaluate`"
                 )
+        elif self.sampler == "cfg_best_of_n":
+            self.check_classifier()
         else:
             self.check_energy()
+
+    def check_classifier(self) -> None:
+        if not is_pipeline(self.model_name_or_path):
+            raise StageInputError(
+                f"--cfg_best_of_n picks by a diffusion pipeline's own classifier; {self.model_name_or_path} is not a "
+                "pipeline folder (for a language model use --soft_best_of_n with a reward)"
+            )
+        check_null_class(self.model_name_or_path, self.null_class)
+        for flag in ("cfg_best_of_n", "classifier_estimates"):
+            if getattr(self, flag) < 1:
+                raise StageInputError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        if not self.cfg_scale >= 0:
+            raise StageInputError(f"--cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}")
+        if self.reward or self.reward_model:
+            raise StageInputError(
+                "--cfg_best_of_n picks by the pipeline's own p(c|x), not a reward; drop --reward/--reward_model (or use "
+                "--soft_best_of_n)"
+            )
 
     def check_energy(self) -> None:
         if is_pipeline(self.model_name_or_path):
@@ -224,10 +283,17 @@ def pick_dataset(
 
 
 def with_costs(
-    picked: Dataset, candidates: Dataset, config: SampleConfig, num_candidates: int, models: int, scored: bool
+    picked: Dataset,
+    candidates: Dataset,
+    config: SampleConfig,
+    num_candidates: int,
+    models: int,
+    scored: bool,
+    extra_passes: int = 0,
 ) -> Dataset:
-    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token. For a diffusion
-    pipeline a candidate's "tokens" are its denoising steps, one network pass each.
+    """Each pick's cost: its N candidates, their tokens, and `models` model passes over each token, plus
+    `extra_passes` per candidate (the classifier estimate's). For a diffusion pipeline a candidate's "tokens" are its
+    denoising steps, one network pass each.
 
     `picked` holds one row per pick group in group order, as `pick_dataset` returns it.
     """
@@ -240,7 +306,7 @@ def with_costs(
     columns = {
         "cost_sequences": [num_candidates] * len(picked),
         "cost_tokens": tokens,
-        "cost_model_tokens": [models * count for count in tokens],
+        "cost_model_tokens": [models * count + extra_passes * num_candidates for count in tokens],
         "cost_reward_calls": [num_candidates if scored else 0] * len(picked),
     }
     for name, values in columns.items():
@@ -321,6 +387,23 @@ def guided(config: SampleConfig) -> Dataset:
     return save_picks(
         with_costs(picked, candidates, config, M, passes, False), config, Path(config.output_dir) / "candidates"
     )
+
+
+def cfg_best_of_n(config: SampleConfig) -> Dataset:
+    """N samples of p(x|c) per pick, each with its estimate of log p(c|x) (`classified/`), one picked ∝ p(c|x)^w."""
+    root = Path(config.output_dir)
+    check_output_dir(root / "picked", "sampling", asdict(config), {})
+    generate(candidates_config(config, config.cfg_best_of_n))
+    classified = classify(
+        root / "candidates", root / "classified", config.model_name_or_path, config.null_class,
+        config.classifier_estimates, config.seed, config.batch_size, config.dtype,
+    )  # fmt: skip
+    log_weight = config.cfg_scale * torch.tensor(classified["class_log_ratio"], dtype=torch.float64)
+    picked = pick_dataset(classified, log_weight, config.cfg_best_of_n, config.num_picks, config.seed)
+    costs = with_costs(
+        picked, classified, config, config.cfg_best_of_n, 1, False, extra_passes=2 * config.classifier_estimates
+    )
+    return save_picks(costs, config, root / "classified")
 
 
 def energy_guided(config: SampleConfig) -> Dataset:
@@ -441,6 +524,7 @@ SAMPLERS: dict[str, Callable[[SampleConfig], Dataset]] = {
     "soft_best_of_n": soft_best_of_n,
     "guided": guided,
     "energy_guided": energy_guided,
+    "cfg_best_of_n": cfg_best_of_n,
 }
 
 
