@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_from_disk
+from safetensors.torch import load_file
 
 from rlfree.diffusion import toy
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
@@ -333,3 +334,85 @@ def test_cfg_best_of_n_stage_picks_by_the_pipelines_own_classifier(class_pipelin
         SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "e"), reward=[REWARD], **settings)
     with pytest.raises(StageInputError, match="also a prompt's class label"):
         sample(SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "same"), **settings | {"null_class": 0}))
+
+
+def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeline, tmp_path):
+    """`train --use_peft` on a pipeline: only the adapter trains; the root is a pipeline with the merged UNet, the
+    adapter sits in unet_lora/ naming its base. RLG between that output and its base runs one UNet with the adapter on
+    and off, and draws the same samples as RLG between the merged pipeline and a separate copy of the base."""
+    from diffusers import DDPMPipeline, DiffusionPipeline
+
+    from rlfree.diffusion.lora import ADAPTER_DIR, adapter_base
+    from rlfree.stages.sample import SampleConfig, sample
+    from rlfree.stages.train import ModelConfig
+
+    generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "gen"), num_samples=16, num_inference_steps=2))
+    score(ScoreConfig(reward=[REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))
+    weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=0.5))
+    train(
+        ModelConfig(model_name_or_path=str(random_pipeline), use_peft=True, lora_r=4),
+        RLFreeConfig(output_dir=str(tmp_path / "lora"), dataset_dir=str(tmp_path / "weighted"), max_steps=3,
+                     per_device_train_batch_size=8, learning_rate=5e-2, report_to=[], disable_tqdm=True),
+    )  # fmt: skip
+    adapter = load_file(tmp_path / "lora" / ADAPTER_DIR / "adapter_model.safetensors")
+    assert all("lora_" in name for name in adapter) and any(".conv1.lora_A." in name for name in adapter)
+    tuned = DiffusionPipeline.from_pretrained(tmp_path / "lora")
+    base = DDPMPipeline.from_pretrained(random_pipeline)
+    assert isinstance(tuned, DDPMPipeline) and adapter_base(str(tmp_path / "lora")) == str(random_pipeline)
+    assert "LoRA r=4" in (tmp_path / "lora" / "README.md").read_text()
+    targets = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in adapter}
+    base_weights = dict(base.unet.named_parameters())
+    for name, tuned_weight in tuned.unet.named_parameters():
+        moved = (tuned_weight - base_weights[name]).abs().max().item()
+        if name.rsplit(".", 1)[0] in targets and name.endswith("weight"):
+            assert moved > 1e-5, name  # the adapter, merged
+        else:
+            assert moved == 0, name  # frozen
+
+    def rlg(model: str, name: str):
+        config = SampleConfig(model, None, str(tmp_path / name), guidance_scale=1.5, ref_model=str(random_pipeline),
+                              num_picks=6, num_inference_steps=3)  # fmt: skip
+        return sample(config).with_format("numpy")[:]["sample"]
+
+    one_unet = rlg(str(tmp_path / "lora"), "one")
+    merged_copy = tmp_path / "merged"  # the same pipeline without its adapter folder: two separate UNets
+    tuned.save_pretrained(merged_copy)
+    np.testing.assert_allclose(one_unet, rlg(str(merged_copy), "two"), atol=1e-4)
+    assert np.abs(one_unet - rlg(str(random_pipeline), "base")).max() > 1e-2  # and the adapter does move the samples
+
+
+def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_it(tmp_path):
+    """The trainer's objective, exactly: samples of pi_ref (the mixture with 30% on +) go through score and weight, and
+    DiffusionTrainer fits the mixture's exact denoiser with a learnable + weight. The weighted denoising loss is
+    minimized by the weighted data's own + share, and that is pi_ref's tilt p·e^(1/beta) / Z up to self-normalized
+    sampling error: no UNet fit or sampler discretization stands between the loss and the target here."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from rlfree.data import save_stage
+    from rlfree.diffusion.pipeline import to_images
+    from rlfree.diffusion.trainer import DiffusionTrainer
+
+    plus, beta, count = 0.3, 0.5, 4096
+    samples = toy.mixture_samples(plus, count, torch.Generator().manual_seed(0))
+    rows = {"prompt": [""] * count, "prompt_index": [0] * count, "sample_index": list(range(count))}
+    generated = Dataset.from_dict(rows | {"sample": samples.numpy(), "completion": to_images(samples)})
+    save_stage(generated, tmp_path / "gen", "generation", {"family": "diffusion"})
+    score(ScoreConfig(reward=[REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))
+    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=beta))
+    w, reward = np.array(weighted["weight"]), np.array(weighted["reward"])
+    weighted_share, ess = (w * reward).sum() / w.sum(), w.sum() ** 2 / (w**2).sum()
+    target = toy.tilted_plus_weight(plus, beta)
+    sampling_sd = (target * (1 - target) / ess) ** 0.5
+    assert abs(weighted_share - target) < 4 * sampling_sd
+
+    model = toy.MixtureDenoiser(toy.scheduler(), [plus], learnable=True)
+    args = RLFreeConfig(output_dir=str(tmp_path / "fit"), dataset_dir=str(tmp_path / "weighted"), max_steps=400,
+                        per_device_train_batch_size=128, gradient_accumulation_steps=2, learning_rate=0.05,
+                        lr_scheduler_type="linear", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6)  # fmt: skip
+    DiffusionTrainer(SimpleNamespace(unet=model, scheduler=toy.scheduler()), args, weighted, "pi_ref").train()
+    fitted = model.plus_weights.item()
+    print(f"+ weight: pi_ref {plus}, weighted data {weighted_share:.4f}, fitted {fitted:.4f}, exact tilt {target:.4f}")
+    assert abs(fitted - weighted_share) < 0.02, (fitted, weighted_share)  # the optimizer's own noise: about 0.007
+    assert abs(fitted - target) < 0.02 + 4 * sampling_sd

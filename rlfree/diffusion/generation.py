@@ -12,6 +12,7 @@ import functools
 import math
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,9 @@ from datasets import Array3D, Dataset, Features, Value
 
 from ..data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards
 from ..errors import StageInputError
+from ..lm.modeling import AdapterOff
 from ..seeds import sample_seed
+from .lora import shares_base, with_adapter
 from .pipeline import denoise, load_pipeline, num_classes, sample_shape, to_images, unet_config
 
 if TYPE_CHECKING:
@@ -114,12 +117,20 @@ def generate_samples(config: GenerateConfig) -> Dataset:
     inputs = {"--model_name_or_path": path, "--prompts": config.prompts, "--ref_model": config.ref_model}
     check_output_dir(config.output_dir, "generation", asdict(config), inputs)
 
+    # RLG between a LoRA output and the base its adapter sits on: one UNet, the adapter on and off.
+    one_unet = shares_base(path, config.ref_model)
+
     @functools.cache
     def pipeline():
+        if one_unet:
+            pipeline = load_pipeline(config.ref_model, config.dtype, state.device)
+            return SimpleNamespace(unet=with_adapter(pipeline.unet, path), scheduler=pipeline.scheduler)
         return load_pipeline(path, config.dtype, state.device)
 
     @functools.cache
     def ref_unet():
+        if one_unet:
+            return AdapterOff(pipeline().unet)
         return None if config.ref_model is None else load_pipeline(config.ref_model, config.dtype, state.device).unet
 
     def make_shard(positions: range) -> Dataset:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import StageInputError
-from ..lm.modeling import default_device, resolve_dtype
+from ..lm.modeling import as_reference, default_device, resolve_dtype
 
 
 def unet_config(path: str) -> dict:
@@ -73,7 +73,8 @@ def denoise(
     """Samples in model space, one per seed: the scheduler's reverse process with per-sample generators.
 
     With `ref_unet`, every step uses RLG's mix of the two predictions, ref + w·(unet - ref) (2508.21016): w = 0 is the
-    reference, 1 the tuned model, w > 1 extrapolates."""
+    reference, 1 the tuned model, w > 1 extrapolates. `ref_unet` may be `AdapterOff(unet)`: a LoRA-tuned UNet with its
+    adapter switched off is its own base."""
     scheduler = copy.deepcopy(scheduler)  # set_timesteps and multistep solvers keep state
     scheduler.set_timesteps(num_inference_steps)
     generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
@@ -84,7 +85,8 @@ def denoise(
         model_input = scheduler.scale_model_input(x, t)
         output = unet(model_input, t, class_labels=labels).sample
         if ref_unet is not None:
-            ref_output = ref_unet(model_input, t, class_labels=labels).sample
+            with as_reference(ref_unet) as reference:
+                ref_output = reference(model_input, t, class_labels=labels).sample
             output = ref_output + guidance_scale * (output - ref_output)
         x = scheduler.step(output, t, x, generator=generators).prev_sample
     return x

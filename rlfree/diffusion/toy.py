@@ -47,14 +47,20 @@ class MixtureDenoiser(torch.nn.Module):
 
     `plus_weights[c]` is class c's + weight; the last entry may be the null class (the mixture over classes). In model
     space, x_t = a·x0 + b·eps given component k is N(a·mu_k, v·I), v = a²·STD² + b², and E[eps | x_t, k] =
-    b·(x_t - a·mu_k)/v.
+    b·(x_t - a·mu_k)/v. With `learnable`, the weights are parameters (as logits): a model family that holds the tilted
+    target exactly, so that training it by the weighted denoising loss must land on that target.
     """
 
-    def __init__(self, scheduler, plus_weights: list[float]):
+    def __init__(self, scheduler, plus_weights: list[float], learnable: bool = False):
         super().__init__()
         self.alpha_bars = scheduler.alphas_cumprod.double()
-        self.plus_weights = torch.tensor(plus_weights, dtype=torch.float64)
-        self.config = SimpleNamespace(sample_size=SIZE, in_channels=1)
+        logits = torch.tensor(plus_weights, dtype=torch.float64).logit()
+        self.plus_logits = torch.nn.Parameter(logits) if learnable else torch.nn.Buffer(logits)
+        self.config = SimpleNamespace(sample_size=SIZE, in_channels=1, num_class_embeds=None)
+
+    @property
+    def plus_weights(self) -> torch.Tensor:
+        return self.plus_logits.sigmoid()
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,7 @@ from ..data import read_sidecars
 from ..errors import StageInputError
 from ..lm.trainer import RLFreeConfig, model_card
 from ..training import weight_scale, weighted_step_loss
+from .lora import save_adapter_and_merge
 from .pipeline import denoising_loss
 
 TRAIN_COLUMNS = ("sample", "weight")
@@ -48,15 +49,27 @@ class DiffusionTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's row count
 
-    def __init__(self, pipeline, args: RLFreeConfig, train_dataset: Dataset, base_model: str, **kwargs):
+    def __init__(
+        self,
+        pipeline,
+        args: RLFreeConfig,
+        train_dataset: Dataset,
+        base_model: str,
+        unet=None,
+        lora: str = "",
+        **kwargs,
+    ):
+        """`unet` is what trains: the pipeline's own UNet (full fine-tuning) or a LoRA-wrapped one (`lora.add_lora`),
+        which `lora` describes for the model card."""
         scale = weight_scale(train_dataset, TRAIN_COLUMNS, "train on the output of `rlfree weight`")
         self.pipeline = pipeline
         self.base_model = base_model
+        self.lora = lora
         columns = [*TRAIN_COLUMNS, *(["class_label"] if "class_label" in train_dataset.column_names else [])]
         if pipeline.unet.config.num_class_embeds and "class_label" not in columns:
             raise StageInputError("the UNet is class-conditional but the training data has no class_label column")
         super().__init__(
-            model=pipeline.unet,
+            model=pipeline.unet if unet is None else unet,
             args=args,
             train_dataset=train_dataset.select_columns(columns),
             data_collator=DenoisingCollator(scale),
@@ -69,10 +82,15 @@ class DiffusionTrainer(Trainer):
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
 
     def save_pipeline(self, output_dir: str) -> None:
-        """The base pipeline with the trained UNet, as `DiffusionPipeline.from_pretrained` reads it, and its card."""
+        """The base pipeline with the trained UNet, as `DiffusionPipeline.from_pretrained` reads it, and its card. A LoRA
+        adapter is saved alone in `unet_lora/` and merged into the pipeline's UNet."""
         if not self.is_world_process_zero():
             return
-        self.pipeline.register_modules(unet=self.accelerator.unwrap_model(self.model))
+        unet = self.accelerator.unwrap_model(self.model)
+        if self.lora:
+            unet = save_adapter_and_merge(unet, output_dir, self.base_model)
+        self.pipeline.register_modules(unet=unet)
         self.pipeline.save_pretrained(output_dir)
-        card = model_card(self.base_model, read_sidecars(self.args.dataset_dir), self.args.dataset_dir, self.args)
+        sidecars = read_sidecars(self.args.dataset_dir)
+        card = model_card(self.base_model, sidecars, self.args.dataset_dir, self.args, self.lora or "full")
         Path(output_dir, "README.md").write_text(card)

@@ -208,9 +208,11 @@ def three_significant_digits(value: float) -> str:
     return f"{float(f'{value:.3g}'):g}"
 
 
-def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: TrainingArguments) -> str:
-    """A Hub model card that records the recipe: base model (`name_or_path` as loaded), weighting, beta, N, reward and
-    data."""
+def model_card(
+    name_or_path: str, sidecars: dict, dataset_dir: str, args: TrainingArguments, fine_tuning: str | None = None
+) -> str:
+    """A Hub model card that records the recipe: base model (`name_or_path` as loaded), weighting, beta, N, reward,
+    data and, when given, how the weights were tuned (`fine_tuning`: full, or the LoRA settings)."""
     generation = sidecars.get("generation", {})
     scoring = sidecars.get("scoring", {})
     weighting = sidecars.get("weighting", {})
@@ -236,6 +238,7 @@ def model_card(name_or_path: str, sidecars: dict, dataset_dir: str, args: Traini
         ("ESS min / median", " / ".join("?" if value is None else three_significant_digits(value) for value in ess)),
         ("training data", dataset_dir),
         ("learning rate / epochs", f"{args.learning_rate} / {args.num_train_epochs}"),
+        *([("fine-tuning", fine_tuning)] if fine_tuning else []),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     front_matter = {"base_model": hub_id} if hub_id else {}

@@ -12,6 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import changed_settings, check_output_dir, describe_changes, load_stage
 from ..diffusion import is_pipeline
+from ..diffusion.lora import ADAPTER_DIR, add_lora
 from ..diffusion.pipeline import load_pipeline
 from ..diffusion.trainer import TRAIN_COLUMNS as DIFFUSION_TRAIN_COLUMNS
 from ..diffusion.trainer import DiffusionTrainer
@@ -37,10 +38,18 @@ class ModelConfig(LoadOptions):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get LoRA adapters."}
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules that get LoRA adapters. On a diffusion pipeline's UNet, all-linear also takes the 3×3 "
+            "convolutions of its ResNet blocks."
+        },
     )
     merge_lora: bool = field(
-        default=False, metadata={"help": "Save the LoRA-merged full model instead of the adapter alone."}
+        default=False,
+        metadata={
+            "help": "Save the LoRA-merged full model instead of the adapter alone. A diffusion pipeline is always saved "
+            "merged, with the adapter beside it in unet_lora/."
+        },
     )
 
 
@@ -91,9 +100,7 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
                 f"({describe_changes(different)}); resume with those settings, or train into a new --output_dir"
             )
     diffusion = is_pipeline(model_config.model_name_or_path)
-    if diffusion:
-        check_diffusion_training(model_config)
-    else:
+    if not diffusion:
         load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
     dataset = load_stage(
         args.dataset_dir,
@@ -103,17 +110,23 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     )
     if diffusion:
         pipeline = load_pipeline(model_config.model_name_or_path, model_config.dtype, default_device())
-        trainer = DiffusionTrainer(pipeline, args, dataset, model_config.model_name_or_path)
+        unet, lora = pipeline.unet, ""
+        if model_config.use_peft:
+            options = [model_config.lora_r, model_config.lora_alpha, model_config.lora_dropout]
+            unet = add_lora(pipeline.unet, *options, model_config.lora_target_modules)
+            lora = f"LoRA r={options[0]} alpha={options[1]} (adapter in {ADAPTER_DIR}/, merged into unet/)"
+        trainer = DiffusionTrainer(pipeline, args, dataset, model_config.model_name_or_path, unet, lora)
     else:
         tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
         trainer = RLFreeTrainer(build_model(model_config), args, dataset, tokenizer)
     sharded = trainer.is_fsdp_enabled or (
         trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     )
-    if model_config.use_peft and model_config.merge_lora and sharded:
+    if model_config.use_peft and (model_config.merge_lora or diffusion) and sharded:
         raise StageInputError(
-            "--merge_lora needs the full weights in one place, but ZeRO-3/FSDP shards them: save the adapter (drop "
-            "--merge_lora) and merge it offline with peft, or train LoRA with ZeRO-2 or DDP"
+            "--merge_lora (and LoRA on a diffusion pipeline, always saved merged) needs the full weights in one place, "
+            "but ZeRO-3/FSDP shards them: save the adapter (drop --merge_lora) and merge it offline with peft, or train "
+            "LoRA with ZeRO-2 or DDP"
         )
     finished_marker = output / "training.json"
     record = json.dumps(settings, indent=2, default=str) + "\n"
@@ -138,15 +151,6 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
         finished_marker.write_text(record)
         (output / IN_PROGRESS).unlink()
     return trainer
-
-
-def check_diffusion_training(model_config: ModelConfig) -> None:
-    """What full fine-tuning of a pipeline's UNet does not take yet."""
-    if model_config.use_peft:
-        raise StageInputError(
-            f"--use_peft with the diffusion pipeline {model_config.model_name_or_path}: LoRA for UNets is not "
-            "supported yet; train all of the UNet's weights (drop --use_peft)"
-        )
 
 
 def checkpoint_to_resume(args: RLFreeConfig) -> str | None:
