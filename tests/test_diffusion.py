@@ -259,7 +259,9 @@ def test_cfg_as_soft_best_of_n_matches_its_exact_finite_n_target():
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(2).repeat_interleave(picks * n)
     samples = toy.mixture_samples(torch.tensor(plus_weights)[labels], len(labels), generator)
-    ratio, stderr = class_log_ratio(denoiser, toy.scheduler(), samples, labels, 2, list(range(len(labels))), estimates)
+    condition, null_condition = {"class_labels": labels}, {"class_labels": torch.full_like(labels, 2)}
+    seeds = list(range(len(labels)))
+    ratio, stderr = class_log_ratio(denoiser, toy.scheduler(), samples, condition, null_condition, seeds, estimates)
     exact = torch.stack([toy.mixture_log_density(samples, w) for w in (*plus_weights, null_weight)], 1)
     exact = exact.gather(1, labels.view(-1, 1)).view(-1) - exact[:, 2]
     components = toy.component(samples)
@@ -314,7 +316,8 @@ def test_cfg_best_of_n_stage_picks_by_the_pipelines_own_classifier(class_pipelin
     classified = load_from_disk(str(tmp_path / "cfg" / "classified")).with_format("torch")[:]
     pipeline = load_pipeline(str(class_pipeline))
     seeds = [stream_seed(42, "classifier", 0, s) for s in classified["sample_index"].tolist()]
-    again, _ = class_log_ratio(pipeline.unet, pipeline.scheduler, classified["sample"], classified["class_label"], 1, seeds, estimates)  # fmt: skip
+    labels = classified["class_label"]
+    again, _ = class_log_ratio(pipeline.unet, pipeline.scheduler, classified["sample"], {"class_labels": labels}, {"class_labels": torch.ones_like(labels)}, seeds, estimates)  # fmt: skip
     torch.testing.assert_close(
         classified["class_log_ratio"].double(), again, rtol=1e-4, atol=1e-5
     )  # batch of 15, not 4
@@ -330,10 +333,10 @@ def test_cfg_best_of_n_stage_picks_by_the_pipelines_own_classifier(class_pipelin
         SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "e"), cfg_best_of_n=n)
     with pytest.raises(StageInputError, match="unconditional"):
         SampleConfig(str(random_pipeline), None, str(tmp_path / "e"), cfg_best_of_n=n, null_class=0)
+    with pytest.raises(StageInputError, match="also a prompt's condition"):
+        sample(SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "same"), **settings | {"null_class": 0}))
     with pytest.raises(StageInputError, match="not a reward"):
         SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "e"), reward=[REWARD], **settings)
-    with pytest.raises(StageInputError, match="also a prompt's class label"):
-        sample(SampleConfig(str(class_pipeline), str(prompts), str(tmp_path / "same"), **settings | {"null_class": 0}))
 
 
 def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeline, tmp_path):

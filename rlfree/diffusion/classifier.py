@@ -1,10 +1,11 @@
-"""Classifier-free guidance as soft best-of-N (anthology §3.2, eq. 35-37): a class-conditional pipeline's own
-classifier, log p(c|x), estimated from its conditional and unconditional denoising losses.
+"""Classifier-free guidance as soft best-of-N (anthology §3.2, eq. 35-37): a conditional pipeline's own classifier,
+log p(c|x), estimated from its conditional and unconditional denoising losses.
 
 Picking one of N samples of p(x|c) with probability ∝ p(c|x)^w tends, as N grows, to p(x|c)·p(c|x)^w (eq. 35): the
 distribution classifier-free guidance with scale 1 + w aims at but does not reach. The "unconditional" model is the
-same UNet given its null class, the label it was trained with in place of a dropped condition. The estimates are a
-stage of their own (`classified/`: written in shards, resumed), each with its standard error; `rlfree sample` picks.
+same UNet given the null condition it was trained with in place of a dropped one: a class-conditional UNet's null
+class (`--null_class`), a text-to-image UNet's empty prompt. The estimates are a stage of their own (`classified/`:
+written in shards, resumed), each with its standard error; `rlfree sample` picks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datasets import Dataset
 from ..data import folder_stamp, load_stage, process_state, run_in_shards
 from ..errors import StageInputError
 from ..seeds import stream_seed
-from .pipeline import load_pipeline, num_classes, predicted_noise, unet_config
+from .pipeline import load_pipeline, predicted_noise, read_layout, unet_condition
 
 COLUMNS = ("class_log_ratio", "class_log_ratio_stderr")
 
@@ -43,13 +44,14 @@ def class_log_ratio(
     unet,
     scheduler,
     samples: torch.Tensor,
-    class_labels: torch.Tensor,
-    null_label: int,
+    condition: dict,
+    null_condition: dict,
     estimate_seeds: list[int],
     num_estimates: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(c|x) - log p(c) = log p(x|c) - log p(x), estimated as minus the difference of the conditional and the
-    unconditional variational bounds (anthology eq. 36-37):
+    unconditional variational bounds (anthology eq. 36-37), the UNet's conditioning given as `condition` and
+    `null_condition` (`unet_condition`):
 
         -sum_t lambda_t E_eps[ ||eps - eps(x_t|c, t)||² - ||eps - eps(x_t|null, t)||² ],  lambda_t = `elbo_weights`.
 
@@ -71,14 +73,14 @@ def class_log_ratio(
     ]
     noises = torch.stack([torch.randn((num_estimates, *shape), generator=g) for g in generators])
     importance = weights[steps] * len(steps_used)  # lambda_t / (uniform probability of t)
-    labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)]).to(samples.device)
+    both = {key: torch.cat([condition[key], null_condition[key]]) for key in condition}
     alpha_bars = scheduler.alphas_cumprod.double()
     estimates = torch.empty(len(samples), num_estimates, dtype=torch.float64)
     for draw in range(num_estimates):
         noise = noises[:, draw].to(samples.device, samples.dtype)
         step = steps[:, draw].to(samples.device)
         noisy = scheduler.add_noise(samples, noise, step).repeat(2, *([1] * len(shape)))
-        output = unet(noisy, step.repeat(2), class_labels=labels).sample
+        output = unet(noisy, step.repeat(2), **both).sample
         alpha_bar = alpha_bars[steps[:, draw]].view(-1, *([1] * len(shape))).repeat(2, *([1] * len(shape)))
         predicted = predicted_noise(
             output.double(), noisy.double(), alpha_bar.to(samples.device), scheduler.config.prediction_type
@@ -91,14 +93,21 @@ def class_log_ratio(
 
 
 def check_null_class(path: str, null_class: int | None) -> None:
-    """The pipeline is class-conditional and `null_class` is one of its labels."""
-    classes = num_classes(unet_config(path))
-    if classes is None:
+    """The pipeline is conditional, and `null_class` is one of its labels (class-conditional) or unset (text: the
+    null condition is the empty prompt)."""
+    layout = read_layout(path)
+    if layout.conditioning == "none":
         raise StageInputError(
-            f"--cfg_best_of_n needs a class-conditional pipeline (a UNet with num_class_embeds); {path} is "
-            "unconditional: there is no p(c|x) to guide by (use --soft_best_of_n with a reward)"
+            f"--cfg_best_of_n needs a conditional pipeline (class labels or text); {path} is unconditional: there is "
+            "no p(c|x) to guide by (use --soft_best_of_n with a reward)"
         )
-    if null_class is None or not 0 <= null_class < classes:
+    if layout.conditioning == "text" and null_class is not None:
+        raise StageInputError(
+            f"--null_class {null_class}: {path} is a text-to-image pipeline, whose null condition is the empty prompt; "
+            "drop --null_class"
+        )
+    classes = layout.num_classes
+    if layout.conditioning == "class" and (null_class is None or not 0 <= null_class < classes):
         raise StageInputError(
             f"--null_class {null_class}: give the class label (0..{classes - 1}) {path} was trained with in place of "
             "a dropped condition (label dropout); log p(c|x) compares the prediction given c with the one given it"
@@ -109,7 +118,7 @@ def classify(
     input_dir: str | Path,
     output_dir: str | Path,
     model_name_or_path: str,
-    null_class: int,
+    null_class: int | None,
     num_estimates: int,
     seed: int,
     batch_size: int,
@@ -120,10 +129,15 @@ def classify(
     `input_dir`, a diffusion `generate` output of `model_name_or_path`; each sample's draws of (t, eps) come from
     (seed, prompt, sample), so the estimate does not depend on batching, sharding or processes."""
     state = process_state()
-    dataset = load_stage(input_dir, ("sample", "class_label", "prompt_index", "sample_index"))
-    if null_class in set(dataset.unique("class_label")):
+    text = read_layout(model_name_or_path).conditioning == "text"
+    condition_column = "prompt" if text else "class_label"
+    columns = ["sample", condition_column, "prompt_index", "sample_index"]
+    dataset = load_stage(input_dir, tuple(columns))
+    null = "" if text else null_class
+    if null in set(dataset.unique(condition_column)):
         raise StageInputError(
-            f"--null_class {null_class} is also a prompt's class label: p(null|x) means nothing; drop those prompts"
+            f"the null condition ({'the empty prompt' if text else f'--null_class {null_class}'}) is also a prompt's "
+            "condition: p(null|x) means nothing; drop those prompts"
         )
     settings = {
         "model_name_or_path": model_name_or_path,
@@ -140,15 +154,21 @@ def classify(
 
     def make_shard(rows: range) -> Dataset:
         shard = dataset.select(rows)
-        table = shard.select_columns(["sample", "class_label", "prompt_index", "sample_index"]).with_format("torch")
+        table = shard.select_columns(columns).with_format("torch")
         estimates, stderrs = [], []
         for start in range(0, len(shard), batch_size):
             batch = table[start : start + batch_size]
+            count = len(batch["sample"])
+            if text:
+                condition = unet_condition(pipeline(), prompts=batch["prompt"])
+                null_condition = unet_condition(pipeline(), prompts=[""] * count)
+            else:
+                condition = unet_condition(pipeline(), batch["class_label"])
+                null_condition = unet_condition(pipeline(), torch.full((count,), null_class))
             keys = zip(batch["prompt_index"].tolist(), batch["sample_index"].tolist(), strict=True)
             mean, stderr = class_log_ratio(
                 pipeline().unet, pipeline().scheduler, batch["sample"].to(state.device, pipeline().unet.dtype),
-                batch["class_label"], null_class, [stream_seed(seed, "classifier", p, s) for p, s in keys],
-                num_estimates,
+                condition, null_condition, [stream_seed(seed, "classifier", p, s) for p, s in keys], num_estimates,
             )  # fmt: skip
             estimates += mean.tolist()
             stderrs += stderr.tolist()

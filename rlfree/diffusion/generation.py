@@ -12,7 +12,6 @@ import functools
 import math
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +23,7 @@ from ..errors import StageInputError
 from ..lm.modeling import AdapterOff
 from ..seeds import sample_seed
 from .lora import shares_base, with_adapter
-from .pipeline import denoise, load_pipeline, num_classes, sample_shape, to_images, unet_config
+from .pipeline import Layout, denoise, load_pipeline, read_layout, sample_shape, to_images, unet_condition
 
 if TYPE_CHECKING:
     from ..stages.generate import GenerateConfig
@@ -50,6 +49,14 @@ def check_diffusion_flags(config: GenerateConfig) -> None:
             f"--ref_model {config.ref_model} without --guidance_scale: a diffusion pipeline is sampled as it is (its "
             "samples carry no log-probabilities to correct); --guidance_scale W mixes it with --ref_model (RLG)"
         )
+    if config.guidance_scale is not None and not config.guidance_scale >= 0 or math.isinf(config.guidance_scale or 0):
+        raise StageInputError(f"--guidance_scale must be finite and >= 0, got {config.guidance_scale}")
+    text = read_layout(config.model_name_or_path).conditioning == "text"
+    if config.ref_model is None and config.guidance_scale is not None and not text:
+        raise StageInputError(
+            f"--guidance_scale without --ref_model is classifier-free guidance, for text-to-image pipelines; "
+            f"{config.model_name_or_path} has no text encoder (with --ref_model, --guidance_scale is RLG's W)"
+        )
     if config.ref_model is not None and architecture(config.ref_model) != architecture(config.model_name_or_path):
         raise StageInputError(
             f"--ref_model {config.ref_model} and --model_name_or_path {config.model_name_or_path} have different UNet "
@@ -59,11 +66,22 @@ def check_diffusion_flags(config: GenerateConfig) -> None:
 
 def architecture(path: str) -> dict:
     """A UNet's config without the bookkeeping (`_name_or_path`, versions): what two mixable UNets share."""
-    return {key: value for key, value in unet_config(path).items() if not key.startswith("_")}
+    return {key: value for key, value in read_layout(path).unet.items() if not key.startswith("_")}
 
 
-def conditions(config: GenerateConfig, classes: int | None) -> list[dict]:
-    """One row per condition: {prompt, class_label?, extra columns}. An unconditional pipeline has one, with no text."""
+def conditions(config: GenerateConfig, layout: Layout) -> list[dict]:
+    """One row per condition: {prompt, class_label?, extra columns}. An unconditional pipeline has one, with no text;
+    a text-to-image pipeline's prompts are plain text (chat `messages` mean nothing to its text encoder)."""
+    if layout.conditioning == "text":
+        if config.prompts is None:
+            raise StageInputError(f"{config.model_name_or_path} is a text-to-image pipeline: give --prompts")
+        rows = list(load_prompts(config.prompts, config.prompts_split))
+        if any(not isinstance(row.get("prompt"), str) for row in rows):
+            raise StageInputError(
+                f"--prompts {config.prompts}: a text-to-image pipeline takes a `prompt` column of plain text"
+            )
+        return rows
+    classes = layout.num_classes
     if classes is None:
         if config.prompts is not None:
             raise StageInputError(
@@ -88,15 +106,14 @@ def conditions(config: GenerateConfig, classes: int | None) -> list[dict]:
     return rows
 
 
-def features(rows: list[dict], shape: tuple[int, int, int]) -> Features:
+def features(rows: list[dict], sample: tuple[int, ...], image: tuple[int, ...]) -> Features:
     """The types of the stage's own columns; the prompts' extra columns keep the types `datasets` infers."""
-    channels, height, width = shape
     types = {
         "prompt": Value("string"),
         "prompt_index": Value("int64"),
         "sample_index": Value("int64"),
-        "completion": Array3D((height, width, channels), "float32"),
-        "sample": Array3D(shape, "float32"),
+        "completion": Array3D(image, "float32"),
+        "sample": Array3D(sample, "float32"),
     }
     if "class_label" in rows[0]:
         types["class_label"] = Value("int64")
@@ -108,50 +125,53 @@ def generate_samples(config: GenerateConfig) -> Dataset:
     check_diffusion_flags(config)
     state = process_state()
     path = config.model_name_or_path
-    unet = unet_config(path)
-    rows = conditions(config, num_classes(unet))
+    layout = read_layout(path)
+    rows = conditions(config, layout)
     jobs = [(p, s) for p in range(len(rows)) for s in range(config.num_samples)]
     settings = asdict(config) | {"family": "diffusion", "num_prompts": len(rows), "model_stamp": folder_stamp(path)}
     if config.ref_model is not None:
         settings["ref_model_stamp"] = folder_stamp(config.ref_model)
     inputs = {"--model_name_or_path": path, "--prompts": config.prompts, "--ref_model": config.ref_model}
     check_output_dir(config.output_dir, "generation", asdict(config), inputs)
-
+    # --guidance_scale is RLG's W beside --ref_model, else a text-to-image pipeline's classifier-free guidance.
+    rlg_scale = config.guidance_scale if config.ref_model is not None else 1.0
+    cfg_scale = config.guidance_scale if config.ref_model is None and config.guidance_scale is not None else None
     # RLG between a LoRA output and the base its adapter sits on: one UNet, the adapter on and off.
     one_unet = shares_base(path, config.ref_model)
 
     @functools.cache
-    def pipeline():
-        if one_unet:
-            pipeline = load_pipeline(config.ref_model, config.dtype, state.device)
-            return SimpleNamespace(unet=with_adapter(pipeline.unet, path), scheduler=pipeline.scheduler)
-        return load_pipeline(path, config.dtype, state.device)
+    def pipeline():  # the scheduler, and the text encoder and VAE of a text-to-image pipeline
+        return load_pipeline(config.ref_model if one_unet else path, config.dtype, state.device)
+
+    @functools.cache
+    def unet():
+        return with_adapter(pipeline().unet, path) if one_unet else pipeline().unet
 
     @functools.cache
     def ref_unet():
         if one_unet:
-            return AdapterOff(pipeline().unet)
+            return AdapterOff(unet())
         return None if config.ref_model is None else load_pipeline(config.ref_model, config.dtype, state.device).unet
 
     def make_shard(positions: range) -> Dataset:
-        unet = pipeline().unet
         shard = [jobs[position] for position in positions]
         columns: dict[str, list] = {}
         for start in range(0, len(shard), config.batch_size):
             batch = shard[start : start + config.batch_size]
-            labels = None
-            if "class_label" in rows[0]:
-                labels = torch.tensor([rows[p]["class_label"] for p, _ in batch])
+            labels = torch.tensor([rows[p]["class_label"] for p, _ in batch]) if layout.num_classes else None
+            condition = unet_condition(pipeline(), labels, [rows[p]["prompt"] for p, _ in batch])
+            null_condition = None if cfg_scale is None else unet_condition(pipeline(), prompts=[""] * len(batch))
             seeds = [sample_seed(config.seed, p, s) for p, s in batch]
             samples = denoise(
-                unet, pipeline().scheduler, seeds, labels, config.num_inference_steps, ref_unet(),
-                1.0 if config.guidance_scale is None else config.guidance_scale,
+                unet(), pipeline().scheduler, seeds, condition, config.num_inference_steps, ref_unet(), rlg_scale,
+                null_condition, cfg_scale or 1.0,
             )  # fmt: skip
-            for (p, s), sample, image in zip(batch, samples.float().cpu().numpy(), to_images(samples), strict=True):
+            images = to_images(samples, getattr(pipeline(), "vae", None))
+            for (p, s), sample, image in zip(batch, samples.float().cpu().numpy(), images, strict=True):
                 row = rows[p] | {"prompt_index": p, "sample_index": s, "completion": image, "sample": sample}
                 for name, value in row.items():
                     columns.setdefault(name, []).append(value)
-        types = features(rows, sample_shape(unet))
+        types = features(rows, sample_shape(unet()), columns["completion"][0].shape)
         dataset = Dataset.from_dict({name: columns[name] for name in types}, features=types)
         for name in columns.keys() - types.keys():
             dataset = dataset.add_column(name, columns[name])

@@ -1,16 +1,19 @@
 """Loading a diffusers pipeline, drawing seeded samples from it, and its denoising loss.
 
-Supported: pixel-space pipelines made of a `UNet2DModel` and a scheduler (`DDPMPipeline`'s layout), unconditional
-or class-conditional (`num_class_embeds`: the prompts are class labels). The loop is written here rather than calling
+Supported: UNet pipelines, in pixel space (`DDPMPipeline`'s layout: unet + scheduler), unconditional or
+class-conditional (`num_class_embeds`: the prompts are class labels), or in a VAE's latent space with a text encoder
+(`StableDiffusionPipeline`'s layout: the prompts are text). The loop is written here rather than calling
 `pipeline(...)`: every sample's noise, at the start and at every stochastic step, comes from its own generator seeded
 by (seed, prompt, sample), so a sample does not depend on the batch it was drawn in, and the stored sample is the
-model-space tensor the trainer needs, not only the image.
+model-space tensor (pixels or latents) the trainer needs, not only the image.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,34 +22,60 @@ import torch
 from ..errors import StageInputError
 from ..lm.modeling import as_reference, default_device, resolve_dtype
 
+TEXT_COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer"}
+# Components a text-to-image pipeline may hold and rlfree leaves alone (saved as null when absent).
+IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}
 
-def unet_config(path: str) -> dict:
-    """The pipeline's UNet config, read without loading weights (to check prompts before any work)."""
+
+@dataclass(frozen=True)
+class Layout:
+    """What a pipeline folder holds, read without loading weights: its UNet's config and how the UNet is conditioned
+    ("none", "class": class labels, "text": a text encoder's embeddings of the prompt, in a VAE's latent space)."""
+
+    unet: dict
+    conditioning: str
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.unet.get("num_class_embeds") if self.conditioning == "class" else None
+
+
+def read_layout(path: str) -> Layout:
+    """The pipeline's layout, or a clear refusal of what rlfree cannot sample or train yet."""
     index = json.loads((Path(path) / "model_index.json").read_text())
-    if "unet" not in index or "scheduler" not in index:
+    name = index.get("_class_name", "pipeline")
+    components = {key for key, value in index.items() if not key.startswith("_") and value and value[0] is not None}
+    if "unet" not in components or "scheduler" not in components:
         raise StageInputError(
-            f"--model_name_or_path {path}: a {index.get('_class_name', 'pipeline')} without a `unet` and a "
-            "`scheduler`; rlfree supports pixel-space UNet pipelines (DDPMPipeline's layout) so far"
+            f"--model_name_or_path {path}: a {name} without a `unet` and a `scheduler` (a transformer-based pipeline, "
+            "as SD3 or Flux, or a VQ model); rlfree supports UNet pipelines: DDPMPipeline's layout (unet + scheduler) "
+            "and StableDiffusionPipeline's (+ vae, text_encoder, tokenizer)"
         )
-    extra = sorted(set(index) - {"unet", "scheduler"} - {key for key in index if key.startswith("_")})
-    if extra:
+    extra = sorted(components - TEXT_COMPONENTS - IGNORED_COMPONENTS)
+    text = "text_encoder" in components
+    missing = sorted(TEXT_COMPONENTS - components) if text else sorted(components & {"vae", "tokenizer"})
+    if extra or missing:
         raise StageInputError(
-            f"--model_name_or_path {path}: components {extra} (text encoder, VAE, ...) are not supported yet; "
-            "rlfree supports pixel-space UNet pipelines (unet + scheduler) so far"
+            f"--model_name_or_path {path}: a {name} with components {sorted(components)}; rlfree supports "
+            "DDPMPipeline's layout (unet + scheduler) and StableDiffusionPipeline's (unet, scheduler, vae, "
+            f"text_encoder, tokenizer){f', not {extra}' if extra else f', and it lacks {missing}'}"
         )
-    return json.loads((Path(path) / "unet" / "config.json").read_text())
-
-
-def num_classes(config: dict) -> int | None:
-    """How many class labels a class-conditional UNet takes; None for an unconditional one."""
-    return config.get("num_class_embeds")
+    unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+    unsupported = [key for key in ("addition_embed_type", "time_cond_proj_dim") if unet.get(key) is not None]
+    if unsupported:
+        raise StageInputError(
+            f"--model_name_or_path {path}: its UNet takes extra conditioning ({', '.join(unsupported)}: SDXL's added "
+            "time ids or an LCM's guidance embedding), which rlfree does not supply yet"
+        )
+    conditioning = "text" if text else "class" if unet.get("num_class_embeds") else "none"
+    return Layout(unet=unet, conditioning=conditioning)
 
 
 def load_pipeline(path: str, dtype: str = "auto", device: torch.device | None = None):
     """The pipeline in eval mode on `device` (CUDA when present); float32 on CPU."""
     from diffusers import DiffusionPipeline
 
-    unet_config(path)
+    read_layout(path)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     pipeline = DiffusionPipeline.from_pretrained(path, **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
@@ -61,34 +90,61 @@ def sample_shape(unet) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
+def unet_condition(
+    pipeline, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None, device=None
+) -> dict[str, torch.Tensor]:
+    """The UNet's conditioning keyword arguments: the text encoder's embeddings of `prompts` for a text-to-image
+    pipeline (as its own `encode_prompt` computes them), else `class_labels` (none for an unconditional UNet)."""
+    device = device or pipeline.unet.device
+    if getattr(pipeline, "text_encoder", None) is not None:
+        return {"encoder_hidden_states": pipeline.encode_prompt(prompts, device, 1, False)[0]}
+    return {} if class_labels is None else {"class_labels": class_labels.to(device)}
+
+
+def predict(unet, x: torch.Tensor, t, condition: dict, null_condition: dict | None, cfg_scale: float) -> torch.Tensor:
+    """The UNet's output at (x, t); with `null_condition`, classifier-free guidance as diffusers pipelines apply it:
+    uncond + cfg_scale·(cond - uncond), both halves in one batch."""
+    if null_condition is None:
+        return unet(x, t, **condition).sample
+    both = {key: torch.cat([null_condition[key], condition[key]]) for key in condition}
+    unconditional, conditional = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+    return unconditional + cfg_scale * (conditional - unconditional)
+
+
+@torch.no_grad()
 def denoise(
     unet,
     scheduler,
     noise_seeds: list[int],
-    class_labels: torch.Tensor | None,
+    condition: dict | None,
     num_inference_steps: int,
     ref_unet=None,
     guidance_scale: float = 1.0,
+    null_condition: dict | None = None,
+    cfg_scale: float = 1.0,
 ) -> torch.Tensor:
     """Samples in model space, one per seed: the scheduler's reverse process with per-sample generators.
 
-    With `ref_unet`, every step uses RLG's mix of the two predictions, ref + w·(unet - ref) (2508.21016): w = 0 is the
-    reference, 1 the tuned model, w > 1 extrapolates. `ref_unet` may be `AdapterOff(unet)`: a LoRA-tuned UNet with its
-    adapter switched off is its own base."""
+    `condition` holds the UNet's conditioning (`unet_condition`); with `null_condition`, each prediction is
+    classifier-free guided at `cfg_scale`. With `ref_unet`, every step uses RLG's mix of the two predictions,
+    ref + w·(unet - ref) (2508.21016): w = 0 is the reference, 1 the tuned model, w > 1 extrapolates. `ref_unet` may be
+    `AdapterOff(unet)`: a LoRA-tuned UNet with its adapter switched off is its own base."""
     scheduler = copy.deepcopy(scheduler)  # set_timesteps and multistep solvers keep state
     scheduler.set_timesteps(num_inference_steps)
     generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
     noise = torch.stack([torch.randn(sample_shape(unet), generator=generator) for generator in generators])
     x = noise.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
-    labels = None if class_labels is None else class_labels.to(unet.device)
+    condition = condition or {}
+    # As the pipelines' prepare_extra_step_kwargs: only stochastic steps take the generators.
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        output = unet(model_input, t, class_labels=labels).sample
+        output = predict(unet, model_input, t, condition, null_condition, cfg_scale)
         if ref_unet is not None:
             with as_reference(ref_unet) as reference:
-                ref_output = reference(model_input, t, class_labels=labels).sample
+                ref_output = predict(reference, model_input, t, condition, null_condition, cfg_scale)
             output = ref_output + guidance_scale * (output - ref_output)
-        x = scheduler.step(output, t, x, generator=generators).prev_sample
+        x = scheduler.step(output, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -104,8 +160,15 @@ def predicted_noise(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.
     raise StageInputError(f"the scheduler's prediction_type {prediction_type!r} is not supported")
 
 
-def to_images(samples: torch.Tensor) -> np.ndarray:
-    """[B, H, W, C] floats in [0, 1], exactly as `DDPMPipeline(output_type="np")` turns its samples into images."""
+@torch.no_grad()
+def to_images(samples: torch.Tensor, vae=None) -> np.ndarray:
+    """[B, H, W, C] floats in [0, 1], exactly as the pipeline's `output_type="np"` turns its samples into images:
+    latents go through the VAE's decoder first."""
+    if vae is not None:
+        latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None) is not None:
+            latents = latents + vae.config.shift_factor
+        samples = vae.decode(latents, return_dict=False)[0]
     return (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
 
 
@@ -114,9 +177,10 @@ def is_flow_matching(scheduler) -> bool:
 
 
 def denoising_loss(
-    unet, scheduler, samples: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator | None = None
+    unet, scheduler, samples: torch.Tensor, condition: dict | None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Per-sample denoising loss ||target - prediction||² (mean over pixels) at a random time and noise.
+    """Per-sample denoising loss ||target - prediction||² (mean over pixels) at a random time and noise; `condition`
+    holds the UNet's conditioning (`unet_condition`).
 
     The target is what the scheduler's config says the network predicts: the noise (epsilon), the velocity
     (v_prediction), the clean sample (sample), or noise - x0 for flow matching (x_t = (1 - s)·x0 + s·noise).
@@ -143,5 +207,5 @@ def denoising_loss(
             target = samples
         else:
             raise StageInputError(f"the scheduler's prediction_type {prediction_type!r} is not supported")
-    prediction = unet(noisy, timesteps, class_labels=class_labels).sample
+    prediction = unet(noisy, timesteps, **(condition or {})).sample
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -23,24 +23,28 @@ from ..errors import StageInputError
 from ..lm.trainer import RLFreeConfig, model_card
 from ..training import weight_scale, weighted_step_loss
 from .lora import save_adapter_and_merge
-from .pipeline import denoising_loss
+from .pipeline import denoising_loss, unet_condition
 
 TRAIN_COLUMNS = ("sample", "weight")
 
 
 class DenoisingCollator:
-    """Model-space samples, their (rescaled) weights and, for a class-conditional UNet, their class labels."""
+    """Model-space samples, their (rescaled) weights and their condition: class labels for a class-conditional UNet,
+    prompt texts for a text-to-image one (embedded by the pipeline's frozen text encoder in the loss)."""
 
-    def __init__(self, weight_scale: float):
+    def __init__(self, weight_scale: float, condition_column: str | None):
         self.weight_scale = weight_scale
+        self.condition_column = condition_column
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict:
         batch = {
             "samples": torch.from_numpy(np.stack([np.asarray(f["sample"], dtype=np.float32) for f in features])),
             "weight": torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale,
         }
-        if "class_label" in features[0]:
+        if self.condition_column == "class_label":
             batch["class_labels"] = torch.tensor([f["class_label"] for f in features])
+        elif self.condition_column == "prompt":
+            batch["prompts"] = [f["prompt"] for f in features]
         return batch
 
 
@@ -65,19 +69,30 @@ class DiffusionTrainer(Trainer):
         self.pipeline = pipeline
         self.base_model = base_model
         self.lora = lora
-        columns = [*TRAIN_COLUMNS, *(["class_label"] if "class_label" in train_dataset.column_names else [])]
-        if pipeline.unet.config.num_class_embeds and "class_label" not in columns:
-            raise StageInputError("the UNet is class-conditional but the training data has no class_label column")
+        text = getattr(pipeline, "text_encoder", None) is not None
+        condition_column = "prompt" if text else "class_label" if pipeline.unet.config.num_class_embeds else None
+        if condition_column and condition_column not in train_dataset.column_names:
+            raise StageInputError(
+                f"the UNet is {'text' if text else 'class'}-conditional but the training data has no {condition_column} "
+                "column: train on the output of `rlfree weight` over this pipeline's own samples"
+            )
         super().__init__(
             model=pipeline.unet if unet is None else unet,
             args=args,
-            train_dataset=train_dataset.select_columns(columns),
-            data_collator=DenoisingCollator(scale),
+            train_dataset=train_dataset.select_columns(
+                [*TRAIN_COLUMNS, *([condition_column] if condition_column else [])]
+            ),
+            data_collator=DenoisingCollator(scale, condition_column),
             **kwargs,
         )
+        if text:  # frozen, on this process's device: it only embeds the prompts
+            pipeline.text_encoder.requires_grad_(False).to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        per_sample = denoising_loss(model, self.pipeline.scheduler, inputs["samples"], inputs.get("class_labels"))
+        condition = unet_condition(
+            self.pipeline, inputs.get("class_labels"), inputs.get("prompts"), device=inputs["samples"].device
+        )
+        per_sample = denoising_loss(model, self.pipeline.scheduler, inputs["samples"], condition)
         loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
 

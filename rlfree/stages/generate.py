@@ -63,7 +63,9 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
         metadata={
             "help": "Sample the token-level mix softmax((1-w)·log pi_ref + w·log pi_theta) of --ref_model and "
             "--model_name_or_path (pi_theta) at this scale w >= 0, recording log pi_theta as model_logprob "
-            "(hf backend). `rlfree sample --guidance_scale` picks among such samples to reach the sequence-level mix."
+            "(hf backend). `rlfree sample --guidance_scale` picks among such samples to reach the sequence-level mix. "
+            "Diffusion pipelines: with --ref_model, RLG's step-by-step mix ref + w·(model - ref); without it, a "
+            "text-to-image pipeline's classifier-free guidance scale."
         },
     )
     shard_size: int = field(
@@ -81,7 +83,7 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
             raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:
             raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
-        if self.guidance_scale is not None:
+        if self.guidance_scale is not None and not is_pipeline(self.model_name_or_path):
             check_guidance(self.guidance_scale, self.ref_model, self.backend)
 
 

@@ -109,7 +109,8 @@ class ClassifierOptions(Options):
         default=None,
         metadata={
             "help": "Candidates N per pick, drawn from p(x|c); one picked ∝ p(c|x)^--cfg_scale, log p(c|x) estimated "
-            "by the pipeline's conditional minus unconditional denoising losses (needs --null_class)."
+            "by the pipeline's conditional minus unconditional denoising losses (a class-conditional pipeline needs "
+            "--null_class; a text-to-image one's null condition is the empty prompt)."
         },
     )
     cfg_scale: float = field(
@@ -121,7 +122,8 @@ class ClassifierOptions(Options):
     null_class: int | None = field(
         default=None,
         metadata={
-            "help": "The class label the UNet was trained with in place of a dropped condition (its null class)."
+            "help": "Class-conditional pipelines: the class label the UNet was trained with in place of a dropped "
+            "condition (its null class)."
         },
     )
     classifier_estimates: int = field(
@@ -181,8 +183,8 @@ class SampleConfig(
         if len(chosen) != 1:
             raise StageInputError(
                 f"choose one sampler (got {', '.join(chosen) or 'none'}): --soft_best_of_n N with a reward, "
-                "--guidance_scale W with --ref_model, --energy_guided with a reward, or --cfg_best_of_n N with "
-                "--null_class (class-conditional diffusion pipelines)"
+                "--guidance_scale W with --ref_model, --energy_guided with a reward, or --cfg_best_of_n N "
+                "(conditional diffusion pipelines)"
             )
         if self.num_picks < 1:
             raise StageInputError(f"--num_picks must be >= 1, got {self.num_picks}")

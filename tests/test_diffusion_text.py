@@ -1,0 +1,116 @@
+"""Text-to-image pipelines (StableDiffusionPipeline's layout: VAE latents, CLIP text encoder): the same stages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+
+from rlfree.diffusion import toy
+from rlfree.diffusion.pipeline import load_pipeline
+from rlfree.errors import StageInputError
+from rlfree.lm.trainer import RLFreeConfig
+from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.score import ScoreConfig, score
+from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.weight import WeightConfig, weight
+
+PROMPTS = ["a bright square", "a dark circle"]
+
+
+def brightness(prompts: list, completions: list, **kwargs) -> list[float]:
+    return [float(np.mean(image)) for image in completions]
+
+
+@pytest.fixture(scope="module")
+def text_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text_pipeline")
+    toy.build_text_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text_prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS))
+    return path
+
+
+def test_samples_are_latents_and_images_are_the_pipelines_own(text_pipeline, prompts, tmp_path):
+    """`sample` is the latent the UNet denoised, `completion` the image StableDiffusionPipeline itself returns for the
+    same seed, with classifier-free guidance (--guidance_scale without --ref_model); any batch size gives the same."""
+    from diffusers import StableDiffusionPipeline
+
+    from rlfree.seeds import sample_seed
+
+    settings = {"num_samples": 3, "num_inference_steps": 3, "guidance_scale": 4.0, "seed": 5}
+    one = generate(GenerateConfig(str(text_pipeline), str(prompts), str(tmp_path / "one"), batch_size=6, **settings))
+    other = generate(GenerateConfig(str(text_pipeline), str(prompts), str(tmp_path / "two"), batch_size=2, **settings))
+    one, other = one.with_format("numpy")[:], other.with_format("numpy")[:]
+    assert one["sample"].shape == (6, 4, 8, 8) and one["completion"].shape == (6, 16, 16, 3)
+    np.testing.assert_allclose(one["sample"], other["sample"], atol=1e-5)
+    pipeline = StableDiffusionPipeline.from_pretrained(text_pipeline)
+    for row in (0, 4):
+        prompt, index = int(one["prompt_index"][row]), int(one["sample_index"][row])
+        generator = torch.Generator().manual_seed(sample_seed(5, prompt, index))
+        own = pipeline(PROMPTS[prompt], generator=[generator], num_inference_steps=3, guidance_scale=4.0, output_type="np")  # fmt: skip
+        np.testing.assert_allclose(one["completion"][row], own.images[0], atol=1e-5)
+    with pytest.raises(StageInputError, match="give --prompts"):
+        generate(GenerateConfig(str(text_pipeline), None, str(tmp_path / "none"), num_inference_steps=2))
+
+
+def test_weighted_training_of_a_text_to_image_unet(text_pipeline, prompts, tmp_path):
+    """score → weight → train on a text-to-image pipeline: the loss conditions on the frozen text encoder's prompt
+    embeddings (checked by hand), only the UNet moves, and the output loads as a StableDiffusionPipeline; LoRA on its
+    attention layers trains too. CFG as soft best-of-N uses the empty prompt as the null condition."""
+    from diffusers import StableDiffusionPipeline
+
+    from rlfree.diffusion.pipeline import denoising_loss
+    from rlfree.diffusion.trainer import DiffusionTrainer
+    from rlfree.stages.sample import SampleConfig, sample
+
+    generate(GenerateConfig(str(text_pipeline), str(prompts), str(tmp_path / "gen"), num_samples=4, num_inference_steps=2))  # fmt: skip
+    score(ScoreConfig(reward=["tests.test_diffusion_text:brightness"], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))  # fmt: skip
+    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=0.1))
+    assert np.allclose([sum(weighted.filter(lambda r, p=p: r["prompt_index"] == p)["weight"]) for p in (0, 1)], 1)
+
+    pipeline = load_pipeline(str(text_pipeline))
+    args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path / "weighted"),
+                        per_device_train_batch_size=4, report_to=[])  # fmt: skip
+    trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline))
+    batch = trainer.data_collator([weighted[i] for i in range(4)])
+    torch.manual_seed(3)
+    loss = trainer.compute_loss(pipeline.unet, batch)
+    torch.manual_seed(3)
+    embeddings = pipeline.encode_prompt([weighted[i]["prompt"] for i in range(4)], "cpu", 1, False)[0]
+    per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, batch["samples"], {"encoder_hidden_states": embeddings})  # fmt: skip
+    expected = (batch["weight"] * per_sample).sum() / 4
+    torch.testing.assert_close(loss, expected)
+
+    for name, peft in (("full", False), ("lora", True)):
+        train(
+            ModelConfig(model_name_or_path=str(text_pipeline), use_peft=peft),
+            RLFreeConfig(output_dir=str(tmp_path / name), dataset_dir=str(tmp_path / "weighted"), max_steps=2,
+                         per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], disable_tqdm=True),
+        )  # fmt: skip
+        tuned = StableDiffusionPipeline.from_pretrained(tmp_path / name)
+        for component in ("text_encoder", "vae"):
+            for a, b in zip(getattr(tuned, component).parameters(), getattr(pipeline, component).parameters(), strict=True):  # fmt: skip
+                assert torch.equal(a, b), component
+        assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), pipeline.unet.parameters(), strict=True))  # fmt: skip
+    adapter = json.loads((tmp_path / "lora" / "unet_lora" / "adapter_config.json").read_text())
+    assert {"to_q", "to_k", "to_v"} <= {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+
+    picked = sample(
+        SampleConfig(str(text_pipeline), str(prompts), str(tmp_path / "cfg"), cfg_best_of_n=2, num_picks=2,
+                     num_inference_steps=2, classifier_estimates=2)
+    )  # fmt: skip
+    classified = load_from_disk(str(tmp_path / "cfg" / "classified"))
+    ratio = torch.tensor(classified["class_log_ratio"]).view(4, 2)
+    expected = torch.softmax(ratio, 1)[torch.arange(4), torch.tensor(picked["sample_index"]) % 2]
+    np.testing.assert_allclose(picked["pick_probability"], expected.numpy(), rtol=1e-5)
+    with pytest.raises(StageInputError, match="empty prompt"):
+        SampleConfig(str(text_pipeline), str(prompts), str(tmp_path / "e"), cfg_best_of_n=2, null_class=0)
