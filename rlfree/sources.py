@@ -27,6 +27,21 @@ def is_local_path(name_or_path: str, local_suffixes: tuple[str, ...] = ()) -> bo
     return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
+def model_file(name_or_path: str, filename: str) -> Path | None:
+    """`filename` inside a local model folder or a Hub repository (fetched into the Hub cache, or read from it
+    offline), or None where it has no such file or the Hub cannot be reached."""
+    if is_local_path(name_or_path):
+        path = Path(name_or_path).expanduser() / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name_or_path, filename))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def check_local_exists(flag: str, name_or_path: str, what: str, local_suffixes: tuple[str, ...] = ()) -> bool:
     """True for an existing local path, False for a Hub id; an error for a local path that does not exist."""
     if not is_local_path(name_or_path, local_suffixes):

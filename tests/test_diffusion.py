@@ -419,3 +419,24 @@ def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_
     print(f"+ weight: pi_ref {plus}, weighted data {weighted_share:.4f}, fitted {fitted:.4f}, exact tilt {target:.4f}")
     assert abs(fitted - weighted_share) < 0.02, (fitted, weighted_share)  # the optimizer's own noise: about 0.007
     assert abs(fitted - target) < 0.02 + 4 * sampling_sd
+
+
+def test_a_pipeline_named_by_its_hub_id_is_found_and_loaded(random_pipeline, tmp_path, monkeypatch):
+    """A Hub id selects the diffusion family when its repository has model_index.json: read here from a Hub cache
+    laid out as huggingface_hub writes it (offline, as the tests run), through the same calls that fetch from the Hub."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from rlfree import diffusion
+
+    snapshot = tmp_path / "hub" / "models--my-org--tiny-ddpm" / "snapshots" / ("0" * 40)
+    shutil.copytree(random_pipeline, snapshot)
+    (tmp_path / "hub" / "models--my-org--tiny-ddpm" / "refs").mkdir()
+    (tmp_path / "hub" / "models--my-org--tiny-ddpm" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert diffusion.is_pipeline("my-org/tiny-ddpm") and not diffusion.is_pipeline("my-org/not-cached")
+    settings = {"num_samples": 3, "num_inference_steps": 2}
+    from_hub = generate(GenerateConfig("my-org/tiny-ddpm", None, str(tmp_path / "hub-gen"), **settings))
+    local = generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "local-gen"), **settings))
+    np.testing.assert_allclose(np.array(from_hub["sample"]), np.array(local["sample"]), atol=1e-6)

@@ -8,9 +8,22 @@ as for LMs), and the denoiser is trained on the *weighted* denoising loss, whose
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
+
+from ..sources import is_local_path, model_file
 
 
 def is_pipeline(name_or_path: str | None) -> bool:
-    """A local diffusers pipeline folder: the family is chosen by the model folder, not by a flag."""
-    return name_or_path is not None and (Path(name_or_path).expanduser() / "model_index.json").is_file()
+    """A diffusers pipeline (a local folder or a Hub repository with `model_index.json`): the family is chosen by the
+    model, not by a flag."""
+    if name_or_path is None:
+        return False
+    if is_local_path(name_or_path):
+        return model_file(name_or_path, "model_index.json") is not None
+    return _is_hub_pipeline(name_or_path)
+
+
+@functools.cache
+def _is_hub_pipeline(repo_id: str) -> bool:
+    """One Hub look-up per repository and process (a local folder is checked afresh: it may be written meanwhile)."""
+    return model_file(repo_id, "model_index.json") is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..sources import same_source
+from ..sources import model_file, same_source
 
 ADAPTER_DIR = "unet_lora"
 
@@ -46,10 +46,8 @@ def save_adapter_and_merge(peft_unet, output_dir: str | Path, base_model: str) -
 
 def adapter_base(pipeline_path: str) -> str | None:
     """The base pipeline a `train --use_peft` output's adapter was trained on, else None."""
-    config = Path(pipeline_path) / ADAPTER_DIR / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("base_model_name_or_path")
+    config = model_file(pipeline_path, f"{ADAPTER_DIR}/adapter_config.json")
+    return None if config is None else json.loads(config.read_text()).get("base_model_name_or_path")
 
 
 def shares_base(pipeline_path: str, ref_model: str | None) -> bool:
@@ -62,4 +60,4 @@ def with_adapter(base_unet: torch.nn.Module, pipeline_path: str):
     """`base_unet` with the adapter of the LoRA output `pipeline_path` on top, in eval mode."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_unet, Path(pipeline_path) / ADAPTER_DIR).eval()
+    return PeftModel.from_pretrained(base_unet, pipeline_path, subfolder=ADAPTER_DIR).eval()

@@ -14,13 +14,13 @@ import copy
 import inspect
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import StageInputError
 from ..lm.modeling import as_reference, default_device, resolve_dtype
+from ..sources import model_file
 
 TEXT_COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer"}
 # Components a text-to-image pipeline may hold and rlfree leaves alone (saved as null when absent).
@@ -42,7 +42,7 @@ class Layout:
 
 def read_layout(path: str) -> Layout:
     """The pipeline's layout, or a clear refusal of what rlfree cannot sample or train yet."""
-    index = json.loads((Path(path) / "model_index.json").read_text())
+    index = json.loads(model_file(path, "model_index.json").read_text())
     name = index.get("_class_name", "pipeline")
     components = {key for key, value in index.items() if not key.startswith("_") and value and value[0] is not None}
     if "unet" not in components or "scheduler" not in components:
@@ -60,7 +60,7 @@ def read_layout(path: str) -> Layout:
             "DDPMPipeline's layout (unet + scheduler) and StableDiffusionPipeline's (unet, scheduler, vae, "
             f"text_encoder, tokenizer){f', not {extra}' if extra else f', and it lacks {missing}'}"
         )
-    unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+    unet = json.loads(model_file(path, "unet/config.json").read_text())
     unsupported = [key for key in ("addition_embed_type", "time_cond_proj_dim") if unet.get(key) is not None]
     if unsupported:
         raise StageInputError(
