@@ -215,6 +215,7 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
 
     from rlfree.diffusion.pipeline import denoising_loss
     from rlfree.diffusion.trainer import DiffusionTrainer
+    from rlfree.seeds import stream_seed
 
     pipeline = load_pipeline(str(random_pipeline))
     samples = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -223,11 +224,11 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     args = RLFreeConfig(output_dir=str(tmp_path), dataset_dir=str(tmp_path), per_device_train_batch_size=3,
                         gradient_accumulation_steps=2, report_to=[])  # fmt: skip
     trainer = DiffusionTrainer(pipeline, args, data, str(random_pipeline))
-    batch = trainer.data_collator([data[i] for i in range(3)])
-    torch.manual_seed(5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     loss = trainer.compute_loss(pipeline.unet, batch)
-    torch.manual_seed(5)
-    per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, samples[:3], None)
+    # Each row's time and noise come from (seed, row, optimizer step) only.
+    generators = [torch.Generator().manual_seed(stream_seed(args.seed, "denoise", row, 0)) for row in range(3)]
+    per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, samples[:3], None, generators)
     expected = (torch.tensor(weights[:3]) * 6 / sum(weights) * per_sample).sum() / (3 * 2)
     torch.testing.assert_close(loss, expected)
 

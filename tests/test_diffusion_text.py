@@ -70,6 +70,7 @@ def test_weighted_training_of_a_text_to_image_unet(text_pipeline, prompts, tmp_p
 
     from rlfree.diffusion.pipeline import denoising_loss
     from rlfree.diffusion.trainer import DiffusionTrainer
+    from rlfree.seeds import stream_seed
     from rlfree.stages.sample import SampleConfig, sample
 
     generate(GenerateConfig(str(text_pipeline), str(prompts), str(tmp_path / "gen"), num_samples=4, num_inference_steps=2))  # fmt: skip
@@ -81,12 +82,11 @@ def test_weighted_training_of_a_text_to_image_unet(text_pipeline, prompts, tmp_p
     args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path / "weighted"),
                         per_device_train_batch_size=4, report_to=[])  # fmt: skip
     trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline))
-    batch = trainer.data_collator([weighted[i] for i in range(4)])
-    torch.manual_seed(3)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(pipeline.unet, batch)
-    torch.manual_seed(3)
     embeddings = pipeline.encode_prompt([weighted[i]["prompt"] for i in range(4)], "cpu", 1, False)[0]
-    per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, batch["samples"], {"encoder_hidden_states": embeddings})  # fmt: skip
+    generators = [torch.Generator().manual_seed(stream_seed(args.seed, "denoise", row, 0)) for row in range(4)]
+    per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, batch["samples"], {"encoder_hidden_states": embeddings}, generators)  # fmt: skip
     expected = (batch["weight"] * per_sample).sum() / 4
     torch.testing.assert_close(loss, expected)
 

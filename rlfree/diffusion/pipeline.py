@@ -177,26 +177,31 @@ def is_flow_matching(scheduler) -> bool:
 
 
 def denoising_loss(
-    unet, scheduler, samples: torch.Tensor, condition: dict | None, generator: torch.Generator | None = None
+    unet, scheduler, samples: torch.Tensor, condition: dict | None, generators: list[torch.Generator] | None = None
 ) -> torch.Tensor:
     """Per-sample denoising loss ||target - prediction||² (mean over pixels) at a random time and noise; `condition`
-    holds the UNet's conditioning (`unet_condition`).
+    holds the UNet's conditioning (`unet_condition`). With `generators`, one per sample, each sample's time and noise
+    come from its own generator (on the CPU), so they do not depend on the batch, the device or the process.
 
     The target is what the scheduler's config says the network predicts: the noise (epsilon), the velocity
     (v_prediction), the clean sample (sample), or noise - x0 for flow matching (x_t = (1 - s)·x0 + s·noise).
     """
-    batch = samples.shape[0]
-    noise = torch.randn(samples.shape, generator=generator, device=samples.device, dtype=samples.dtype)
+    batch, shape = samples.shape[0], samples.shape[1:]
+    if generators is None:
+        noise, uniform = torch.randn(samples.shape), torch.rand(batch)
+    else:
+        noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+        uniform = torch.cat([torch.rand(1, generator=generator) for generator in generators])
+    noise, uniform = noise.to(samples.device, samples.dtype), uniform.to(samples.device)
     if is_flow_matching(scheduler):
-        sigma = torch.rand(batch, generator=generator, device=samples.device, dtype=samples.dtype)
-        expand = sigma.view(-1, *([1] * (samples.dim() - 1)))
+        sigma = uniform.to(samples.dtype)
+        expand = sigma.view(-1, *([1] * len(shape)))
         noisy = (1 - expand) * samples + expand * noise
         timesteps = sigma * scheduler.config.num_train_timesteps
         target = noise - samples
     else:
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=samples.device
-        )
+        steps = scheduler.config.num_train_timesteps
+        timesteps = (uniform * steps).long().clamp_max(steps - 1)
         noisy = scheduler.add_noise(samples, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":

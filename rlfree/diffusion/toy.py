@@ -142,7 +142,7 @@ def fit_pipeline(
     for _ in range(steps):
         samples, labels = draw_batch(generator)
         condition = None if labels is None else {"class_labels": labels}
-        loss = denoising_loss(unet, scheduler, samples, condition, generator).mean()
+        loss = denoising_loss(unet, scheduler, samples, condition, [generator] * len(samples)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -21,6 +21,7 @@ from transformers import Trainer
 from ..data import read_sidecars
 from ..errors import StageInputError
 from ..lm.trainer import RLFreeConfig, model_card
+from ..seeds import stream_seed
 from ..training import weight_scale, weighted_step_loss
 from .lora import save_adapter_and_merge
 from .pipeline import denoising_loss, unet_condition
@@ -41,6 +42,7 @@ class DenoisingCollator:
             "samples": torch.from_numpy(np.stack([np.asarray(f["sample"], dtype=np.float32) for f in features])),
             "weight": torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale,
         }
+        batch["rows"] = [f["row"] for f in features]
         if self.condition_column == "class_label":
             batch["class_labels"] = torch.tensor([f["class_label"] for f in features])
         elif self.condition_column == "prompt":
@@ -76,12 +78,11 @@ class DiffusionTrainer(Trainer):
                 f"the UNet is {'text' if text else 'class'}-conditional but the training data has no {condition_column} "
                 "column: train on the output of `rlfree weight` over this pipeline's own samples"
             )
+        columns = [*TRAIN_COLUMNS, *([condition_column] if condition_column else [])]
         super().__init__(
             model=pipeline.unet if unet is None else unet,
             args=args,
-            train_dataset=train_dataset.select_columns(
-                [*TRAIN_COLUMNS, *([condition_column] if condition_column else [])]
-            ),
+            train_dataset=train_dataset.select_columns(columns).add_column("row", list(range(len(train_dataset)))),
             data_collator=DenoisingCollator(scale, condition_column),
             **kwargs,
         )
@@ -92,9 +93,20 @@ class DiffusionTrainer(Trainer):
         condition = unet_condition(
             self.pipeline, inputs.get("class_labels"), inputs.get("prompts"), device=inputs["samples"].device
         )
-        per_sample = denoising_loss(model, self.pipeline.scheduler, inputs["samples"], condition)
+        per_sample = denoising_loss(
+            model, self.pipeline.scheduler, inputs["samples"], condition, self.generators(inputs)
+        )
         loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
+
+    def generators(self, inputs: dict) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, dataset row, optimizer step): a sample's time and noise do not
+        depend on how the step's rows are split into micro-batches and ranks, and a resumed run draws what the
+        uninterrupted one would have."""
+        step = self.state.global_step
+        return [
+            torch.Generator().manual_seed(stream_seed(self.args.seed, "denoise", row, step)) for row in inputs["rows"]
+        ]
 
     def save_pipeline(self, output_dir: str) -> None:
         """The base pipeline with the trained UNet, as `DiffusionPipeline.from_pretrained` reads it, and its card. A LoRA
