@@ -20,7 +20,7 @@ from rlfree.stages.train import ModelConfig, train
 from rlfree.stages.weight import WeightConfig, weight
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"
-TUNE_STEPS, TUNE_LR = 1200, 3e-3
+TUNE_STEPS, TUNE_BATCH, TUNE_LR = 400, 256, 3e-3
 
 
 @pytest.fixture(scope="module")
@@ -101,41 +101,53 @@ def base_pipeline(tmp_path_factory):
 
 
 def plus_frequency(pipeline_folder, count: int, seed: int) -> tuple[float, torch.Tensor, np.ndarray]:
+    """The + frequency of `count` samples drawn with all 100 steps: the DDPM sampler that reproduces the mixture's
+    weights exactly from the exact denoiser (20 steps turn 30% into 28%)."""
     pipeline = load_pipeline(str(pipeline_folder))
-    samples = denoise(pipeline.unet, pipeline.scheduler, list(range(seed, seed + count)), None, 20)
+    samples = denoise(pipeline.unet, pipeline.scheduler, list(range(seed, seed + count)), None, 100)
     components = toy.component(to_images(samples))
     return float(components.mean()), samples, components
 
 
 @pytest.mark.slow
 def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
-    """generate → score → weight → train on pi_ref's own samples: the fine-tuned pipeline's + frequency is pi_ref's
-    tilted by exp(r/beta), and each component keeps its place. The output loads with DiffusionPipeline."""
+    """generate → score → weight → train on pi_ref's own samples: the fine-tuned UNet moves the + frequency from pi_ref's
+    to its exact tilt by exp(r/beta), each component keeping its place, and lands where plain training on a resample of
+    the tilted data lands (the control): what separates the two from the exact tilt is the UNet's own fit. The output
+    loads with DiffusionPipeline; RLG's W moves the frequency monotonically."""
     from diffusers import DDPMPipeline, DiffusionPipeline
 
+    from rlfree.data import read_sidecars, save_stage
+
     beta = 0.5
-    generate(GenerateConfig(str(base_pipeline), None, str(tmp_path / "gen"), num_samples=1024, num_inference_steps=20, batch_size=256))  # fmt: skip
+    generate(GenerateConfig(str(base_pipeline), None, str(tmp_path / "gen"), num_samples=1024, num_inference_steps=100, batch_size=256))  # fmt: skip
     score(ScoreConfig(reward=[REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))
-    weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=beta))
-    train(
-        ModelConfig(model_name_or_path=str(base_pipeline)),
-        RLFreeConfig(
-            output_dir=str(tmp_path / "tuned"), dataset_dir=str(tmp_path / "weighted"), max_steps=TUNE_STEPS,
-            per_device_train_batch_size=64, learning_rate=TUNE_LR, lr_scheduler_type="constant", report_to=[],
-            disable_tqdm=True,
-        ),
-    )  # fmt: skip
-    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "tuned"), DDPMPipeline)
-    card = (tmp_path / "tuned" / "README.md").read_text()
-    assert 'library_name: "diffusers"' in card and "num_inference_steps=20" in card
+    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=beta))
+    sidecar = read_sidecars(tmp_path / "weighted")["weighting"]
+    save_stage(
+        toy.resample(weighted, 0), tmp_path / "resampled", "weighting", sidecar, input_dir=tmp_path / "weighted"
+    )
+    for data in ("weighted", "resampled"):
+        train(
+            ModelConfig(model_name_or_path=str(base_pipeline)),
+            RLFreeConfig(
+                output_dir=str(tmp_path / f"tuned-{data}"), dataset_dir=str(tmp_path / data), max_steps=TUNE_STEPS,
+                per_device_train_batch_size=TUNE_BATCH, learning_rate=TUNE_LR, lr_scheduler_type="linear", report_to=[],
+                disable_tqdm=True, save_strategy="no",
+            ),
+        )  # fmt: skip
+    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "tuned-weighted"), DDPMPipeline)
+    card = (tmp_path / "tuned-weighted" / "README.md").read_text()
+    assert 'library_name: "diffusers"' in card and "num_inference_steps=100" in card
     base, _, _ = plus_frequency(base_pipeline, 2000, 10**6)
-    tuned, samples, components = plus_frequency(tmp_path / "tuned", 2000, 10**6)
+    tuned, samples, components = plus_frequency(tmp_path / "tuned-weighted", 2000, 10**6)
+    control, _, _ = plus_frequency(tmp_path / "tuned-resampled", 2000, 10**6)
     target = toy.tilted_plus_weight(base, beta)
-    print(f"+ frequency: pi_ref {base:.3f}, fine-tuned {tuned:.3f}, exact tilt of pi_ref {target:.3f}")
-    # Not yet the exact match the issue asks for: the toy UNet's fit distorts mixture weights by itself (it draws its
-    # 30% training data at about 25%), and the weighted fits landed at 0.60 (600 steps), 0.82 (1,800) and 0.86
-    # (1,200, here) for a target of 0.71. What is asserted is the direction and size of the move.
-    assert tuned > base + 0.3 and tuned > target - 0.15, (base, tuned, target)
+    print(f"+ frequency: pi_ref {base:.3f}, fine-tuned {tuned:.3f}, control {control:.3f}, exact tilt {target:.3f}")
+    # Over 3 training seeds the fine-tuned UNet landed at 0.746-0.754 and the control at 0.763-0.766, for an exact tilt
+    # of 0.740 (benchmarks/diffusion.py has the table).
+    assert abs(tuned - control) < 0.04 and abs(tuned - target) < 0.06, (base, tuned, control, target)
+    assert tuned > base + 0.4
     for k, mean in enumerate(toy.MEANS):
         assert abs(samples[torch.from_numpy(components == k)].mean().item() - mean) < 0.1
     # RLG: the tuned pipeline mixed with its base, step by step. W = 0 is the base's own samples, W = 1 the tuned one's.
@@ -144,13 +156,13 @@ def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
     def guided(scale: float):
         return sample(
             SampleConfig(
-                str(tmp_path / "tuned"), None, str(tmp_path / f"rlg-{scale}"), guidance_scale=scale,
-                ref_model=str(base_pipeline), num_picks=500, num_inference_steps=20, batch_size=250,
+                str(tmp_path / "tuned-weighted"), None, str(tmp_path / f"rlg-{scale}"), guidance_scale=scale,
+                ref_model=str(base_pipeline), num_picks=200, num_inference_steps=100, batch_size=200,
             )
         ).with_format("numpy")[:]  # fmt: skip
 
     def own(folder, name):
-        config = GenerateConfig(str(folder), None, str(tmp_path / name), num_samples=500, num_inference_steps=20, batch_size=250)  # fmt: skip
+        config = GenerateConfig(str(folder), None, str(tmp_path / name), num_samples=200, num_inference_steps=100, batch_size=200)  # fmt: skip
         return generate(config).with_format("numpy")[:]["sample"]
 
     frequencies = {}
@@ -158,9 +170,9 @@ def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
         picks = guided(scale)
         frequencies[scale] = toy.component(picks["completion"]).mean()
         if scale in (0.0, 1.0):
-            expected = own(base_pipeline if scale == 0 else tmp_path / "tuned", f"own-{scale}")
+            expected = own(base_pipeline if scale == 0 else tmp_path / "tuned-weighted", f"own-{scale}")
             np.testing.assert_allclose(picks["sample"], expected, atol=1e-4)
-        print(f"W={scale}: + frequency {frequencies[scale]:.3f}, tilt of pi_ref at beta/W {toy.tilted_plus_weight(base, beta / scale) if scale else base:.3f}")  # fmt: skip
+    print(f"RLG + frequency by W: {frequencies}")
     assert frequencies[0.0] < frequencies[0.5] < frequencies[1.0] < frequencies[2.0]
 
 
