@@ -96,7 +96,7 @@ def fine_tuning(root: Path, args: argparse.Namespace) -> None:
         "exact tilt of pi_ref": [float(toy.tilted_plus_weight(base, args.beta))],
     }
     print(
-        f"\nbeta {args.beta}, {args.samples} samples, {args.steps} steps (batch 64, 3e-3 linear); 2,000 samples each"
+        f"\nbeta {args.beta}, {args.samples} samples, {args.steps} steps (batch 256, 3e-3 linear); 2,000 samples each"
     )
     print("| model | + frequency: mean (range) | KL of component weights to pi_ref |\n|---|---|---|")
     for name, values in rows.items():

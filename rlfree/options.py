@@ -188,7 +188,12 @@ class RewardOptions(Options):
 
     reward: list[str] = reward_functions_field()
     reward_model: list[str] = field(
-        default_factory=list, metadata={"help": "Sequence-classification reward model(s): local folder or Hub id."}
+        default_factory=list,
+        metadata={
+            "help": "Reward model(s), local folder or Hub id: sequence classification (logit 0) for text; for a "
+            "diffusion pipeline's images a CLIP model (logit_scale·cos(prompt, image), as PickScore) or an image "
+            "classifier (logit 0), with its image processor saved beside it."
+        },
     )
     reward_weights: list[float] | None = field(
         default=None,

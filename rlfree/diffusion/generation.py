@@ -49,8 +49,9 @@ def check_diffusion_flags(config: GenerateConfig) -> None:
             f"--ref_model {config.ref_model} without --guidance_scale: a diffusion pipeline is sampled as it is (its "
             "samples carry no log-probabilities to correct); --guidance_scale W mixes it with --ref_model (RLG)"
         )
-    if config.guidance_scale is not None and not config.guidance_scale >= 0 or math.isinf(config.guidance_scale or 0):
-        raise StageInputError(f"--guidance_scale must be finite and >= 0, got {config.guidance_scale}")
+    scale = config.guidance_scale
+    if scale is not None and (not scale >= 0 or math.isinf(scale)):
+        raise StageInputError(f"--guidance_scale must be finite and >= 0, got {scale}")
     text = read_layout(config.model_name_or_path).conditioning == "text"
     if config.ref_model is None and config.guidance_scale is not None and not text:
         raise StageInputError(

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-from ..data import check_output_dir, load_stage, process_state, run_in_shards
+from ..data import check_output_dir, load_stage, process_state, read_sidecars, run_in_shards
 from ..errors import StageInputError
 from ..options import RewardOptions
+from ..rewards.images import ImageRewardModel
 from ..rewards.scoring import RewardFunction, RewardModel, load_reward_function, reward_fingerprints, score_dataset
 from ..sources import load_model_config
 
@@ -72,11 +73,15 @@ def score(config: ScoreConfig) -> Dataset:
     }
     check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
 
+    # A diffusion pipeline's completions are images: its reward models are image scorers.
+    images = read_sidecars(config.input_dir).get("generation", {}).get("family") == "diffusion"
+
     @functools.cache
     def functions() -> list[RewardFunction]:
         """Loaded on the first shard this process scores: a finished run loads no reward model."""
+        model_class = ImageRewardModel if images else RewardModel
         return reward_functions + [
-            RewardModel(path, config.trust_remote_code, state.device) for path in config.reward_model
+            model_class(path, config.trust_remote_code, state.device) for path in config.reward_model
         ]
 
     def make_shard(rows: range) -> Dataset:
