@@ -60,8 +60,8 @@ def class_log_ratio(
     from a generator seeded per sample (a sample's estimate does not depend on its batch). t is drawn uniformly and
     reweighted by lambda_t·T: unbiased, and far less noisy than drawing t ∝ lambda_t, which spends its draws on the
     last steps, where lambda_t is largest and the condition barely moves the prediction (on the toy's cosine schedule,
-    one draw's standard deviation is 1.7 uniform against 14 ∝ lambda_t). Returns the mean and its standard error per
-    sample (float64, on the CPU).
+    one draw's standard deviation is 1.3 uniform against 14 ∝ lambda_t, over 2,048 draws). Returns the mean and its
+    standard error per sample (float64, on the CPU).
     """
     weights = elbo_weights(scheduler)
     steps_used = torch.nonzero(weights > 0).view(-1)
