@@ -15,7 +15,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 STAMP := $(VENV)/.rlfree-installed
 VLLM_STAMP := $(VLLM_VENV)/.rlfree-installed
 
-.PHONY: install install-vllm demo test test-fast test-vllm lint format clean
+.PHONY: install install-vllm demo demo-diffusion test test-fast test-vllm lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ install-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/rlfree demo --output_dir demo_output
 
+demo-diffusion: $(STAMP)
+	$(BIN)/rlfree demo --family diffusion --output_dir digits_demo
+
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check rlfree tests benchmarks recipes
 	$(BIN)/ruff format --check rlfree tests benchmarks recipes
@@ -59,4 +62,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix rlfree tests benchmarks recipes
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) demo_output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo_output digits_demo .pytest_cache .ruff_cache
