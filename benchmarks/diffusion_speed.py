@@ -73,14 +73,16 @@ def generation(pipeline, args) -> tuple[float, float]:
 
 def training(pipeline, args, lora: bool, root: Path) -> tuple[float, float]:
     """(rlfree's images/s, a plain loop's images/s) over `train_steps` steps of batch `batch_size`."""
-    from datasets import Dataset
+    from datasets import Array3D, Dataset, Features, Value
 
     count = args.batch_size
     shape = pipeline.unet.config.in_channels, *([pipeline.unet.config.sample_size] * 2)
     samples = torch.randn(count, *shape)
     rows = {"sample": samples.numpy(), "weight": [1.0 / count] * count, "prompt_index": [0] * count}
     rows["prompt"] = ["a bright square"] * count
-    data = Dataset.from_dict(rows)
+    # Typed as `rlfree generate` writes them: samples as fixed-shape arrays, read back as numpy without copies per pixel.
+    types = {"sample": Array3D(tuple(shape), "float32"), "weight": Value("float64"), "prompt_index": Value("int64")}
+    data = Dataset.from_dict(rows, features=Features(types | {"prompt": Value("string")}))
     unet = add_lora(pipeline.unet, 16, 32, 0.0, ["all-linear"]) if lora else pipeline.unet
     config = RLFreeConfig(
         output_dir=str(root / "train"), dataset_dir=str(root), max_steps=args.train_steps, report_to=[],
@@ -117,7 +119,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "text"), default="digits")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--inference_steps", type=int, default=20)
-    parser.add_argument("--train_steps", type=int, default=20)
+    parser.add_argument("--train_steps", type=int, default=100, help="Steps per timed run (the Trainer's set-up is in it).")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="diffusion-speed-"))

@@ -40,13 +40,13 @@ class DenoisingCollator:
     def __call__(self, features: list[dict]) -> dict:
         batch = {
             "samples": torch.from_numpy(np.stack([np.asarray(f["sample"], dtype=np.float32) for f in features])),
-            "weight": torch.tensor([f["weight"] for f in features], dtype=torch.float32) * self.weight_scale,
+            "weight": torch.tensor([float(f["weight"]) for f in features], dtype=torch.float32) * self.weight_scale,
+            "rows": [int(f["row"]) for f in features],
         }
-        batch["rows"] = [f["row"] for f in features]
         if self.condition_column == "class_label":
-            batch["class_labels"] = torch.tensor([f["class_label"] for f in features])
+            batch["class_labels"] = torch.tensor([int(f["class_label"]) for f in features])
         elif self.condition_column == "prompt":
-            batch["prompts"] = [f["prompt"] for f in features]
+            batch["prompts"] = [str(f["prompt"]) for f in features]
         return batch
 
 
@@ -79,10 +79,12 @@ class DiffusionTrainer(Trainer):
                 "column: train on the output of `rlfree weight` over this pipeline's own samples"
             )
         columns = [*TRAIN_COLUMNS, *([condition_column] if condition_column else [])]
+        # Rows as numpy: a sample read as nested Python lists costs a float object per pixel.
+        rows = train_dataset.select_columns(columns).add_column("row", list(range(len(train_dataset))))
         super().__init__(
             model=pipeline.unet if unet is None else unet,
             args=args,
-            train_dataset=train_dataset.select_columns(columns).add_column("row", list(range(len(train_dataset)))),
+            train_dataset=rows.with_format("numpy"),
             data_collator=DenoisingCollator(scale, condition_column),
             **kwargs,
         )
