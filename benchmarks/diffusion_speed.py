@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "text"), default="digits")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--inference_steps", type=int, default=20)
-    parser.add_argument("--train_steps", type=int, default=100, help="Steps per timed run (the Trainer's set-up is in it).")
+    parser.add_argument(
+        "--train_steps", type=int, default=100, help="Steps per timed run (the Trainer's set-up is in it)."
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="diffusion-speed-"))
