@@ -20,7 +20,7 @@ from datasets import Dataset
 from ..data import folder_stamp, load_stage, process_state, run_in_shards
 from ..errors import StageInputError
 from ..seeds import stream_seed
-from .pipeline import load_pipeline, predicted_noise, read_layout, unet_condition
+from .pipeline import load_pipeline, noise_scheduler, predicted_noise, read_layout, unet_condition
 
 COLUMNS = ("class_log_ratio", "class_log_ratio_stderr")
 
@@ -167,7 +167,8 @@ def classify(
                 null_condition = unet_condition(pipeline(), torch.full((count,), null_class))
             keys = zip(batch["prompt_index"].tolist(), batch["sample_index"].tolist(), strict=True)
             mean, stderr = class_log_ratio(
-                pipeline().unet, pipeline().scheduler, batch["sample"].to(state.device, pipeline().unet.dtype),
+                pipeline().unet, noise_scheduler(pipeline().scheduler),
+                batch["sample"].to(state.device, pipeline().unet.dtype),
                 condition, null_condition, [stream_seed(seed, "classifier", p, s) for p, s in keys], num_estimates,
             )  # fmt: skip
             estimates += mean.tolist()

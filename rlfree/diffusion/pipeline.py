@@ -176,6 +176,16 @@ def is_flow_matching(scheduler) -> bool:
     return type(scheduler).__name__.startswith("FlowMatch")
 
 
+def noise_scheduler(scheduler):
+    """The forward process to train and score with: a DDPMScheduler built from the pipeline's scheduler config (its
+    betas, training steps and prediction type), as diffusers' training scripts do. The pipeline's own scheduler may be
+    a sampler (PNDM, Euler, DPM-Solver) whose `add_noise` works in other units or needs `set_timesteps` first. A
+    flow-matching scheduler is its own forward process."""
+    from diffusers import DDPMScheduler
+
+    return scheduler if is_flow_matching(scheduler) else DDPMScheduler.from_config(scheduler.config)
+
+
 def denoising_loss(
     unet, scheduler, samples: torch.Tensor, condition: dict | None, generators: list[torch.Generator] | None = None
 ) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..lm.trainer import RLFreeConfig, model_card
 from ..seeds import stream_seed
 from ..training import weight_scale, weighted_step_loss
 from .lora import save_adapter_and_merge
-from .pipeline import denoising_loss, unet_condition
+from .pipeline import denoising_loss, noise_scheduler, unet_condition
 
 TRAIN_COLUMNS = ("sample", "weight")
 
@@ -69,6 +69,7 @@ class DiffusionTrainer(Trainer):
         which `lora` describes for the model card."""
         scale = weight_scale(train_dataset, TRAIN_COLUMNS, "train on the output of `rlfree weight`")
         self.pipeline = pipeline
+        self.noise_scheduler = noise_scheduler(pipeline.scheduler)
         self.base_model = base_model
         self.lora = lora
         text = getattr(pipeline, "text_encoder", None) is not None
@@ -95,9 +96,7 @@ class DiffusionTrainer(Trainer):
         condition = unet_condition(
             self.pipeline, inputs.get("class_labels"), inputs.get("prompts"), device=inputs["samples"].device
         )
-        per_sample = denoising_loss(
-            model, self.pipeline.scheduler, inputs["samples"], condition, self.generators(inputs)
-        )
+        per_sample = denoising_loss(model, self.noise_scheduler, inputs["samples"], condition, self.generators(inputs))
         loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
 
