@@ -453,3 +453,34 @@ def test_a_pipeline_named_by_its_hub_id_is_found_and_loaded(random_pipeline, tmp
     from_hub = generate(GenerateConfig("my-org/tiny-ddpm", None, str(tmp_path / "hub-gen"), **settings))
     local = generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "local-gen"), **settings))
     np.testing.assert_allclose(np.array(from_hub["sample"]), np.array(local["sample"]), atol=1e-6)
+
+
+def test_evaluate_and_ab_take_pipelines_and_their_samplers(random_pipeline, reference_dir, tmp_path):
+    """`evaluate` and `ab` on diffusion contestants: an unconditional pipeline needs no --prompts, a sample costs its
+    denoising steps, there is no KL; a soft best-of-N sampler over the pipeline is a contestant like any other, and
+    its picks beat the pipeline's own samples on the reward they were picked by."""
+    from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, evaluate, win_rates
+    from rlfree.stages.sample import SampleConfig, sample
+
+    settings = {"reward": [REWARD], "num_inference_steps": 2, "num_bootstrap": 200}
+    report = evaluate(EvaluateConfig(str(random_pipeline), None, str(tmp_path / "eval"), num_samples=64, **settings))
+    scored = load_from_disk(str(tmp_path / "eval" / "scored"))
+    assert report["mean_reward"] == pytest.approx(np.mean(scored["reward"]))
+    assert report["cost_per_sample"] == {"sequences": 1.0, "tokens": 2.0, "model_tokens": 2.0, "reward_calls": 0.0}
+    assert "kl_k1" not in report and "num_tokens" not in report
+    # One prompt: the interval resamples the samples, independent draws of an unconditional pipeline.
+    assert report["interval"].endswith("over samples (one prompt)")
+    assert report["mean_reward_ci"][0] < report["mean_reward"] < report["mean_reward_ci"][1]
+    with pytest.raises(StageInputError, match="likelihoods"):
+        EvaluateConfig(str(random_pipeline), None, str(tmp_path / "kl"), ref_model=str(random_pipeline), **settings)
+
+    sample(SampleConfig(str(random_pipeline), None, str(tmp_path / "soft"), soft_best_of_n=4, beta=0.1,
+                        reward=[REWARD], num_picks=64, num_inference_steps=2))  # fmt: skip
+    result = ab(ABConfig(str(tmp_path / "soft"), str(random_pipeline), None, str(tmp_path / "ab"), num_samples=64, **settings))  # fmt: skip
+    rewards = [np.array(load_from_disk(str(tmp_path / "ab" / side / "scored"))["reward"]).reshape(1, -1) for side in "ab"]  # fmt: skip
+    assert result["win_rate_a"] == pytest.approx(win_rates(*rewards).mean())
+    assert result["win_rate_a_ci"][0] < result["win_rate_a"] < result["win_rate_a_ci"][1]
+    assert result["mean_reward_a"] > result["mean_reward_b"] + 0.1 and result["win_rate_a"] > 0.5
+    assert result["a"]["cost_per_sample"]["sequences"] == 4 and "soft_best_of_n N=4" in result["a"]["sampler"]
+    with pytest.raises(StageInputError, match="two of a kind"):
+        ABConfig(str(random_pipeline), str(reference_dir), None, str(tmp_path / "mixed"), **settings)

@@ -12,6 +12,10 @@ This needs sampling from pi_theta itself, so with --ref_model the temperature mu
 A contestant may also be a sampler: the output folder of `rlfree sample` (soft best-of-N, guided or energy-guided).
 Its picks are scored with the comparison's reward, its cost per sample comes from its sidecar, and its KL is not
 reported (a pick's probability under the sampler is not known, only under its proposal).
+
+A contestant may be a diffusion pipeline (or a sampler over one): its images are scored the same way, a sample costs
+its denoising steps, and there is no KL (a diffusion model gives no likelihood); an unconditional pipeline takes no
+--prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from datasets import Dataset
 from ..data import process_state, read_sidecars
 from ..diffusion import is_pipeline
 from ..errors import StageInputError
-from ..options import LoadOptions, Options, PromptOptions, RewardOptions, SamplerOptions, options_of, prompts_field
+from ..options import (
+    LoadOptions,
+    Options,
+    PromptOptions,
+    RewardOptions,
+    SamplerOptions,
+    options_of,
+    prompts_field,
+    required_output_dir_field,
+)
 from ..sources import same_source
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
@@ -62,12 +75,23 @@ class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptO
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ref_model is not None and any(is_pipeline(model) for model in self.contestants()):
+            raise StageInputError(
+                f"--ref_model {self.ref_model}: the KL to a reference needs likelihoods, which a diffusion pipeline "
+                "does not give; drop --ref_model (the report has the mean reward and the cost)"
+            )
         if self.ref_model is not None and not self.is_plain:
             raise StageInputError(
                 f"--temperature {self.temperature}, --top_k {self.top_k}, --top_p {self.top_p} with --ref_model: the "
                 "KL estimate needs samples from the model itself (temperature 1, no top-k/top-p); drop --ref_model "
                 "to evaluate a tempered or truncated sampler"
             )
+        if self.prompts is None and not all(pipeline_of(model) for model in self.contestants()):
+            raise StageInputError("--prompts is required (only a diffusion pipeline without conditions takes none)")
+
+    def contestants(self) -> list[str]:
+        """The models (or `rlfree sample` output folders) compared."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -80,8 +104,16 @@ class EvaluateConfig(ComparisonOptions):
             "to evaluate its picks."
         }
     )
-    prompts: str = prompts_field()
-    output_dir: str = field(metadata={"help": "Where samples/, scored/ and evaluation.json are written."})
+    prompts: str | None = prompts_field(optional=True)
+    output_dir: str = required_output_dir_field("Where samples/, scored/ and evaluation.json are written.")
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            raise StageInputError("--output_dir is required")
+        super().__post_init__()
+
+    def contestants(self) -> list[str]:
+        return [self.model_name_or_path]
 
 
 @dataclass
@@ -90,8 +122,21 @@ class ABConfig(ComparisonOptions):
 
     model_a: str = field(metadata={"help": "Model A: a local folder, a Hub id, or a `rlfree sample` output folder."})
     model_b: str = field(metadata={"help": "Model B: a local folder, a Hub id, or a `rlfree sample` output folder."})
-    prompts: str = prompts_field()
-    output_dir: str = field(metadata={"help": "Where a/, b/, ab.json, ab.md and ab.png are written."})
+    prompts: str | None = prompts_field(optional=True)
+    output_dir: str = required_output_dir_field("Where a/, b/, ab.json, ab.md and ab.png are written.")
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            raise StageInputError("--output_dir is required")
+        if (pipeline_of(self.model_a) is None) != (pipeline_of(self.model_b) is None):
+            raise StageInputError(
+                f"--model_a {self.model_a} and --model_b {self.model_b}: one is a diffusion pipeline and the other a "
+                "language model; compare two of a kind"
+            )
+        super().__post_init__()
+
+    def contestants(self) -> list[str]:
+        return [self.model_a, self.model_b]
 
     def side(self, name: str) -> EvaluateConfig:
         """The evaluation of one side, in output_dir/a or output_dir/b.
@@ -118,14 +163,40 @@ def bootstrap_means(per_prompt: np.ndarray, num_bootstrap: int, seed: int) -> np
 
 def estimate(name: str, per_prompt: np.ndarray, confidence: float, num_bootstrap: int, seed: int) -> dict[str, Any]:
     """`name`: mean over prompts; `name_ci`: percentile-bootstrap interval; `name_stderr`: bootstrap std."""
-    means = bootstrap_means(np.asarray(per_prompt, dtype=np.float64), num_bootstrap, seed)
+    per_prompt = np.asarray(per_prompt, dtype=np.float64)
+    return interval(name, float(per_prompt.mean()), bootstrap_means(per_prompt, num_bootstrap, seed), confidence)
+
+
+def interval(name: str, value: float, resampled: np.ndarray, confidence: float) -> dict[str, Any]:
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {
-        name: float(np.mean(per_prompt)),
-        f"{name}_ci": [float(low), float(high)],
-        f"{name}_stderr": float(means.std()),
-    }
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return {name: value, f"{name}_ci": [float(low), float(high)], f"{name}_stderr": float(resampled.std())}
+
+
+def replication_units(groups: PromptGroups, values: np.ndarray) -> tuple[np.ndarray, str]:
+    """What the bootstrap resamples: per-prompt means, or with a single prompt (an unconditional diffusion pipeline)
+    the samples themselves, which are then independent draws."""
+    if len(groups.count) > 1:
+        return groups.mean(values), "percentile bootstrap over prompts"
+    return np.asarray(values, dtype=np.float64), "percentile bootstrap over samples (one prompt)"
+
+
+def win_rate_estimate(
+    rewards_a: np.ndarray, rewards_b: np.ndarray, confidence: float, num_bootstrap: int, seed: int
+) -> tuple[dict[str, Any], str]:
+    """A's win rate over all (a_i, b_j) pairs of each prompt, with its interval: prompts resampled, or with a single
+    prompt each side's samples resampled on its own."""
+    if len(rewards_a) > 1:
+        return estimate("win_rate_a", win_rates(rewards_a, rewards_b), confidence, num_bootstrap, seed), (
+            "percentile bootstrap over prompts"
+        )
+    rng = np.random.default_rng(seed)
+    a, b = rewards_a[0], rewards_b[0]
+    resampled = np.array(
+        [win_rates(rng.choice(a, len(a))[None], rng.choice(b, len(b))[None])[0] for _ in range(num_bootstrap)]
+    )
+    value = float(win_rates(rewards_a, rewards_b)[0])
+    return interval("win_rate_a", value, resampled, confidence), "percentile bootstrap over samples (one prompt)"
 
 
 def by_prompt(dataset: Dataset, name: str) -> np.ndarray:
@@ -165,6 +236,13 @@ def sampler_picks(path: str) -> Path | None:
     return None
 
 
+def pipeline_of(model: str) -> str | None:
+    """The diffusion pipeline a contestant samples from (itself, or a sampler's model), else None."""
+    picks = sampler_picks(model)
+    source = read_sidecars(picks)["sampling"]["model_name_or_path"] if picks is not None else model
+    return source if is_pipeline(source) else None
+
+
 def describe_sampler(settings: dict[str, Any]) -> str:
     """The sampler and the settings that set its cost and target, e.g. `soft_best_of_n N=16 beta=0.5 of MODEL`."""
     sampler = settings["sampler"]
@@ -172,6 +250,8 @@ def describe_sampler(settings: dict[str, Any]) -> str:
         knobs = f"N={settings['soft_best_of_n']} beta={settings['beta']}"
     elif sampler == "guided":
         knobs = f"W={settings['guidance_scale']} M={settings['guidance_candidates']} ref {settings['ref_model']}"
+    elif sampler == "cfg_best_of_n":
+        knobs = f"N={settings['cfg_best_of_n']} w={settings['cfg_scale']} K={settings['classifier_estimates']}"
     else:
         knobs = (
             f"B={settings['block_size']} M={settings['num_candidates']} K={settings['num_rollouts']} "
@@ -190,10 +270,10 @@ def check_sampler_prompts(picks: Path, settings: dict[str, Any], config: Evaluat
         )
 
 
-def model_cost(tokens: np.ndarray) -> dict[str, float]:
-    """What one sample of a model costs, in the units of a sampler's `cost` sidecar."""
-    mean = float(tokens.mean())
-    return {"sequences": 1.0, "tokens": mean, "model_tokens": mean, "reward_calls": 0.0}
+def model_cost(tokens: float, passes: float) -> dict[str, float]:
+    """What one sample of a model costs, in the units of a sampler's `cost` sidecar: its tokens (a diffusion sample's
+    denoising steps) and the model passes over them."""
+    return {"sequences": 1.0, "tokens": tokens, "model_tokens": passes, "reward_calls": 0.0}
 
 
 def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
@@ -213,15 +293,20 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
         "num_samples": config.num_samples if sampling is None else sampling["num_picks"],
         "temperature": config.temperature if sampling is None else sampling["temperature"],
         "confidence": config.confidence,
-        "interval": "percentile bootstrap over prompts",
     }
     for name, values in per_sample.items():
-        report |= estimate(name, groups.mean(values), config.confidence, config.num_bootstrap, config.seed)
+        units, report["interval"] = replication_units(groups, values)
+        report |= estimate(name, units, config.confidence, config.num_bootstrap, config.seed)
+    if sampling is not None:
+        report |= {"sampler": describe_sampler(sampling), "cost_per_sample": sampling["cost"]["per_pick"]}
+    if "num_tokens" not in columns:  # a diffusion pipeline's images: no tokens, no finish reasons
+        if sampling is None:
+            steps = float(config.num_inference_steps)
+            report["cost_per_sample"] = model_cost(steps, steps)
+        return report
     tokens = columns["num_tokens"]
     if sampling is None:
-        report["cost_per_sample"] = model_cost(tokens)
-    else:
-        report |= {"sampler": describe_sampler(sampling), "cost_per_sample": sampling["cost"]["per_pick"]}
+        report["cost_per_sample"] = model_cost(float(tokens.mean()), float(tokens.mean()))
     report["num_tokens"] = {"mean": float(tokens.mean()), "median": float(np.median(tokens)), "max": int(tokens.max())}
     reasons, counts = np.unique(columns["finish_reason"], return_counts=True)
     report["finish_reasons"] = {str(r): float(c / len(dataset)) for r, c in zip(reasons, counts, strict=True)}
@@ -235,11 +320,6 @@ def sample_and_score(config: EvaluateConfig) -> Dataset:
     """Generate from the model with the sampler flags into samples/ (a sampler's picks are already drawn), then score
     into scored/."""
     output = Path(config.output_dir)
-    if is_pipeline(config.model_name_or_path):
-        raise StageInputError(
-            f"{config.model_name_or_path} is a diffusion pipeline: evaluate and ab compare language models so far; "
-            "run `rlfree generate` and `rlfree score` on each pipeline and compare their rewards"
-        )
     samples = sampler_picks(config.model_name_or_path)
     if samples is not None:
         check_sampler_prompts(samples, read_sidecars(samples)["sampling"], config)
@@ -309,17 +389,20 @@ def contestant(report: dict[str, Any]) -> str:
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluation, print a short table and return the report written to evaluation.json."""
     _, report = evaluate_model(config)
-    tokens = report["num_tokens"]
     rows = [
         ("model", contestant(report)),
         ("prompts x samples", f"{report['num_prompts']} x {report['num_samples']}"),
         *estimate_rows(report),
         (COST_LABEL, format_cost(report)),
-        ("completion tokens mean / median / max", " / ".join(format_number(v) for v in tokens.values())),
-        ("finish reasons", ", ".join(f"{r} {share:.1%}" for r, share in report["finish_reasons"].items())),
     ]
+    if "num_tokens" in report:
+        tokens = report["num_tokens"]
+        rows += [
+            ("completion tokens mean / median / max", " / ".join(format_number(v) for v in tokens.values())),
+            ("finish reasons", ", ".join(f"{r} {share:.1%}" for r, share in report["finish_reasons"].items())),
+        ]
     if process_state().is_main_process:
-        print(f"{config.confidence:.0%} intervals: percentile bootstrap over prompts\n{format_rows(rows)}")
+        print(f"{config.confidence:.0%} intervals: {report['interval']}\n{format_rows(rows)}")
         print(f"report: {Path(config.output_dir) / 'evaluation.json'}")
     return report
 
@@ -338,13 +421,14 @@ def ab_markdown(result: dict[str, Any]) -> str:
     """A short markdown report of the comparison."""
     a, b = result["a"], result["b"]
     rows = [["model", contestant(a), contestant(b)], *side_by_side(a, b)]
-    rows.append(["mean completion tokens", *(format_number(side["num_tokens"]["mean"]) for side in (a, b))])
+    if "num_tokens" in a and "num_tokens" in b:
+        rows.append(["mean completion tokens", *(format_number(side["num_tokens"]["mean"]) for side in (a, b))])
     table = "\n".join("| " + " | ".join(row) + " |" for row in [["", "A", "B"], ["---"] * 3, *rows])
     return (
         f"# A/B: {a['model']} vs {b['model']}\n\n"
         f"Win rate of A: **{format_estimate(result, 'win_rate_a')}** over {result['num_prompts']} prompts, "
         f"{a['num_samples']}×{b['num_samples']} pairs per prompt (ties count 1/2; "
-        f"{result['confidence']:.0%} percentile bootstrap over prompts).\n\n{table}\n"
+        f"{result['confidence']:.0%} {result['interval']}).\n\n{table}\n"
     )
 
 
@@ -360,16 +444,17 @@ def ab(config: ABConfig) -> dict[str, Any]:
             f"difference at prompt_index {differing[0]}): compare them on the same --prompts"
         )
     a, b = sides["a"][1], sides["b"][1]
+    win_rate, resampling = win_rate_estimate(
+        rewards["a"], rewards["b"], config.confidence, config.num_bootstrap, config.seed
+    )
     result: dict[str, Any] = {
         "model_a": config.model_a,
         "model_b": config.model_b,
         "num_prompts": a["num_prompts"],
         "num_samples": config.num_samples,
         "confidence": config.confidence,
-        "interval": "percentile bootstrap over prompts",
-        **estimate(
-            "win_rate_a", win_rates(rewards["a"], rewards["b"]), config.confidence, config.num_bootstrap, config.seed
-        ),
+        "interval": resampling,
+        **win_rate,
         "mean_reward_a": a["mean_reward"],
         "mean_reward_a_ci": a["mean_reward_ci"],
         "mean_reward_b": b["mean_reward"],
