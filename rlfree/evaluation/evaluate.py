@@ -75,7 +75,7 @@ class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptO
 
     def __post_init__(self):
         super().__post_init__()
-        if self.ref_model is not None and any(is_pipeline(model) for model in self.contestants()):
+        if self.ref_model is not None and any(pipeline_of(model) for model in self.contestants()):
             raise StageInputError(
                 f"--ref_model {self.ref_model}: the KL to a reference needs likelihoods, which a diffusion pipeline "
                 "does not give; drop --ref_model (the report has the mean reward and the cost)"
