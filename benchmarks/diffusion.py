@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-from math import comb
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,15 +115,6 @@ def fine_tuning(root: Path, args: argparse.Namespace) -> None:
         print(f"| {scale} | {frequency:.3f} | {exact:.3f} |")
 
 
-def finite_n(plus: float, log_weight: tuple[float, float], n: int) -> float:
-    """P(the pick is +) for one of n candidates (each + with probability `plus`) picked ∝ exp(log_weight[k])."""
-    weights = np.exp(log_weight)
-    return sum(
-        comb(n, m) * plus**m * (1 - plus) ** (n - m) * m * weights[1] / (m * weights[1] + (n - m) * weights[0])
-        for m in range(1, n + 1)
-    )
-
-
 def classifier_guidance(args: argparse.Namespace) -> None:
     """The eq. 36-37 estimator with the mixture's exact denoiser (classes with 20% and 70% on +, null = their mix)."""
     plus_weights, null = (0.2, 0.7), 0.45
@@ -148,7 +138,7 @@ def classifier_guidance(args: argparse.Namespace) -> None:
         candidates = Dataset.from_dict({"prompt_index": [0] * len(labels), "sample_index": list(range(len(labels)))})
         picked = pick_dataset(candidates, scale * ratio, n, picks, seed=0)
         frequency = toy.component(samples)[np.array(picked["sample_index"])].mean()
-        target = finite_n(plus_weights[1], tuple(scale * expected), n)
+        target = toy.finite_n_plus_frequency(plus_weights[1], tuple(scale * expected), n)
         print(
             f"| {n} | {estimates} | {2 * estimates} | {stderr.mean():.3f} | {frequency:.3f} | {target:.3f} | {limit:.3f} |"
         )

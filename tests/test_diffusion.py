@@ -245,18 +245,6 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     torch.testing.assert_close(loss, expected)
 
 
-def finite_n_plus_frequency(plus: float, log_weight: tuple[float, float], n: int) -> float:
-    """P(the pick is +) when one of n candidates, each + with probability `plus`, is picked ∝ exp(log_weight[k]):
-    exact, by enumerating how many candidates are +."""
-    from math import comb, exp
-
-    minus_weight, plus_weight = exp(log_weight[0]), exp(log_weight[1])
-    return sum(
-        comb(n, m) * plus**m * (1 - plus) ** (n - m) * m * plus_weight / (m * plus_weight + (n - m) * minus_weight)
-        for m in range(1, n + 1)
-    )
-
-
 def test_cfg_as_soft_best_of_n_matches_its_exact_finite_n_target():
     """With the mixture's exact denoiser, the classifier estimate (eq. 36-37) reproduces log p(c|x) - log p(c) in
     closed form, and picking one of N samples of p(x|c) ∝ p(c|x)^w gives the + frequency that enumeration over the N
@@ -298,7 +286,7 @@ def test_cfg_as_soft_best_of_n_matches_its_exact_finite_n_target():
         np.testing.assert_allclose(exact_by_component, expected, atol=1e-3)
         rows = [row for row in picked if row["prompt_index"] == c]
         frequency = components[[c * picks * n + row["sample_index"] for row in rows]].mean()
-        target = finite_n_plus_frequency(plus, tuple(scale * expected), n)
+        target = toy.finite_n_plus_frequency(plus, tuple(scale * expected), n)
         limit = plus * (plus / null_weight) ** scale
         limit /= limit + (1 - plus) * ((1 - plus) / (1 - null_weight)) ** scale
         stderr_picks = (target * (1 - target) / picks) ** 0.5

@@ -152,6 +152,10 @@ def classify(
     def pipeline():
         return load_pipeline(model_name_or_path, dtype, state.device)
 
+    @functools.cache
+    def forward_process():
+        return noise_scheduler(pipeline().scheduler)
+
     def make_shard(rows: range) -> Dataset:
         shard = dataset.select(rows)
         table = shard.select_columns(columns).with_format("torch")
@@ -167,8 +171,7 @@ def classify(
                 null_condition = unet_condition(pipeline(), torch.full((count,), null_class))
             keys = zip(batch["prompt_index"].tolist(), batch["sample_index"].tolist(), strict=True)
             mean, stderr = class_log_ratio(
-                pipeline().unet, noise_scheduler(pipeline().scheduler),
-                batch["sample"].to(state.device, pipeline().unet.dtype),
+                pipeline().unet, forward_process(), batch["sample"].to(state.device, pipeline().unet.dtype),
                 condition, null_condition, [stream_seed(seed, "classifier", p, s) for p, s in keys], num_estimates,
             )  # fmt: skip
             estimates += mean.tolist()

@@ -37,7 +37,7 @@ LM_ONLY = {
 }
 
 
-def check_diffusion_flags(config: GenerateConfig) -> None:
+def check_diffusion_flags(config: GenerateConfig, layout: Layout) -> None:
     set_flags = [f"--{name}" for name, off in LM_ONLY.items() if getattr(config, name) != off]
     if set_flags:
         raise StageInputError(
@@ -49,25 +49,21 @@ def check_diffusion_flags(config: GenerateConfig) -> None:
             f"--ref_model {config.ref_model} without --guidance_scale: a diffusion pipeline is sampled as it is (its "
             "samples carry no log-probabilities to correct); --guidance_scale W mixes it with --ref_model (RLG)"
         )
-    scale = config.guidance_scale
-    if scale is not None and (not scale >= 0 or math.isinf(scale)):
-        raise StageInputError(f"--guidance_scale must be finite and >= 0, got {scale}")
-    text = read_layout(config.model_name_or_path).conditioning == "text"
-    if config.ref_model is None and config.guidance_scale is not None and not text:
+    if config.ref_model is None and config.guidance_scale is not None and layout.conditioning != "text":
         raise StageInputError(
             f"--guidance_scale without --ref_model is classifier-free guidance, for text-to-image pipelines; "
             f"{config.model_name_or_path} has no text encoder (with --ref_model, --guidance_scale is RLG's W)"
         )
-    if config.ref_model is not None and architecture(config.ref_model) != architecture(config.model_name_or_path):
+    if config.ref_model is not None and architecture(read_layout(config.ref_model)) != architecture(layout):
         raise StageInputError(
             f"--ref_model {config.ref_model} and --model_name_or_path {config.model_name_or_path} have different UNet "
             "architectures: guidance mixes their predictions step by step, so one must be fine-tuned from the other"
         )
 
 
-def architecture(path: str) -> dict:
+def architecture(layout: Layout) -> dict:
     """A UNet's config without the bookkeeping (`_name_or_path`, versions): what two mixable UNets share."""
-    return {key: value for key, value in read_layout(path).unet.items() if not key.startswith("_")}
+    return {key: value for key, value in layout.unet.items() if not key.startswith("_")}
 
 
 def conditions(config: GenerateConfig, layout: Layout) -> list[dict]:
@@ -123,10 +119,10 @@ def features(rows: list[dict], sample: tuple[int, ...], image: tuple[int, ...]) 
 
 def generate_samples(config: GenerateConfig) -> Dataset:
     """The generation stage for a pipeline: shards of `--shard_size` samples, resumed after an interrupt."""
-    check_diffusion_flags(config)
-    state = process_state()
     path = config.model_name_or_path
     layout = read_layout(path)
+    check_diffusion_flags(config, layout)
+    state = process_state()
     rows = conditions(config, layout)
     jobs = [(p, s) for p in range(len(rows)) for s in range(config.num_samples)]
     settings = asdict(config) | {"family": "diffusion", "num_prompts": len(rows), "model_stamp": folder_stamp(path)}

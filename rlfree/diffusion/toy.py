@@ -42,6 +42,21 @@ def tilted_plus_weight(plus_weight: float | np.ndarray, beta: float) -> float | 
     return tilted / (tilted + 1 - plus_weight)
 
 
+def finite_n_plus_frequency(plus: float, log_weight: tuple[float, float], n: int) -> float:
+    """P(the pick is +) when one of n candidates, each + with probability `plus`, is picked ∝ exp(log_weight[k])
+    (k = 0 for -, 1 for +): exact, by enumerating how many candidates are +. Soft best-of-N's finite-N target."""
+    minus_weight, plus_weight = math.exp(log_weight[0]), math.exp(log_weight[1])
+    return sum(
+        math.comb(n, m)
+        * plus**m
+        * (1 - plus) ** (n - m)
+        * m
+        * plus_weight
+        / (m * plus_weight + (n - m) * minus_weight)
+        for m in range(1, n + 1)
+    )
+
+
 class MixtureDenoiser(torch.nn.Module):
     """The exact noise prediction E[eps | x_t] of a class-conditional mixture of the two components, in closed form:
     what a perfectly trained UNet would output, called as a UNet is (`unet(x_t, t, class_labels=...).sample`).

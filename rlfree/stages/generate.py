@@ -83,16 +83,21 @@ class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions):
             raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
         if self.shard_size < 1:
             raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
-        if self.guidance_scale is not None and not is_pipeline(self.model_name_or_path):
-            check_guidance(self.guidance_scale, self.ref_model, self.backend)
+        if self.guidance_scale is not None:
+            if is_pipeline(self.model_name_or_path):  # RLG's W or a text-to-image pipeline's CFG scale
+                check_guidance_scale(self.guidance_scale)
+            else:
+                check_guidance(self.guidance_scale, self.ref_model, self.backend)
+
+
+def check_guidance_scale(scale: float, meaning: str = "") -> None:
+    if not scale >= 0 or math.isinf(scale):
+        raise StageInputError(f"--guidance_scale must be finite and >= 0{meaning}, got {scale}")
 
 
 def check_guidance(scale: float, ref_model: str | None, backend: str) -> None:
     """Guidance needs a scale w >= 0, the reference model, and the HF backend (the engine cannot mix two models)."""
-    if not scale >= 0 or math.isinf(scale):
-        raise StageInputError(
-            f"--guidance_scale must be finite and >= 0 (0 = pi_ref, 1 = the tuned model, > 1 extrapolates), got {scale}"
-        )
+    check_guidance_scale(scale, " (0 = pi_ref, 1 = the tuned model, > 1 extrapolates)")
     if ref_model is None:
         raise StageInputError("--guidance_scale mixes two models: give the reference model with --ref_model")
     if backend != "hf":
