@@ -37,6 +37,17 @@ def run_command(command: str, argv: list[str]) -> None:
 
         if process_state().is_main_process:
             print(result)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Tear down the process group of a data-parallel run on every rank together. A rank that exits with the group
+    alive while another still writes can abort in the gloo backend's threads ("terminate called without an active
+    exception", seen once in the two-process diffusion training test)."""
+    distributed = sys.modules.get("torch.distributed")  # a command that started no process group imported no torch
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -150,6 +150,8 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
         # Written last: a model folder holding training.json is complete (`rlfree run` skips it on a re-run).
         finished_marker.write_text(record)
         (output / IN_PROGRESS).unlink()
+    # No rank returns before the main one has written the model: callers (and `rlfree run`'s next round) read it.
+    trainer.accelerator.wait_for_everyone()
     return trainer
 
 
