@@ -24,6 +24,14 @@ def check_finite(config) -> None:
                 raise StageInputError(f"--{spec.name} must be a finite number, got {value}")
 
 
+def check_ranges(config, limits: dict[str, tuple[bool, str]]) -> None:
+    """Refuse the first field of `config` whose check failed: {field: (valid, requirement)} gives
+    "--field must be <requirement>, got <value>"."""
+    for name, (valid, requirement) in limits.items():
+        if not valid:
+            raise StageInputError(f"--{name} must be {requirement}, got {getattr(config, name)}")
+
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 

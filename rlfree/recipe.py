@@ -34,7 +34,15 @@ def recipe_sections(path: str) -> dict:
     """A recipe file's top-level mapping: shared flags, plus a section per command."""
     if not Path(path).is_file():
         raise StageInputError(f"--config {path}: no such file")
-    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or error
+        raise StageInputError(f"--config {path}: not valid YAML{where} ({problem})") from None
+    except UnicodeDecodeError:
+        raise StageInputError(f"--config {path}: not UTF-8 text; save the recipe as UTF-8") from None
     if not isinstance(recipe, dict):
         raise StageInputError(f"--config {path}: expected a mapping of flag names to values")
     return recipe
@@ -90,6 +98,37 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[argpa
     return given
 
 
+_KINDS = {int: "an integer", float: "a number"}
+
+
+def _typed_value(recipe: str, key: str, value, action: argparse.Action):
+    """A recipe's value, checked and converted as argparse checks and converts the same flag on the command line.
+
+    argparse converts only the string defaults it is given, so without this `num_samples: 16.7` would reach the stage
+    as a float. A mapping, or a list for a single-valued flag, is passed on as it is: TrainingArguments takes one for
+    some fields that no command-line string can hold (`deepspeed` or `fsdp_config` as a mapping, `report_to` as a list).
+    """
+    many = action.nargs in ("+", "*")
+    if value is None or isinstance(value, dict) or (isinstance(value, list) and not many):
+        return value
+    items = value if isinstance(value, list) else [value]
+    converted = []
+    for item in items:
+        if isinstance(item, (dict, list)):
+            raise StageInputError(f"--config {recipe}: {key} takes plain values, got {item!r}")
+        try:
+            item = action.type(str(item)) if action.type is not None else item
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = _KINDS.get(action.type, f"a valid --{key}")
+            raise StageInputError(f"--config {recipe}: {key} must be {kind}, got {item!r}") from None
+        if action.choices is not None and item not in action.choices:
+            raise StageInputError(
+                f"--config {recipe}: {key} must be one of {', '.join(map(str, action.choices))}, got {item!r}"
+            )
+        converted.append(item)
+    return converted if many else converted[0]
+
+
 def parse_command(command: str, dataclass_types: tuple, argv: list[str], usage: str | None = None) -> tuple:
     """Parse `argv` into the dataclasses, with defaults taken from `--config` when given.
 
@@ -110,8 +149,7 @@ def parse_command(command: str, dataclass_types: tuple, argv: list[str], usage: 
         values = {key: value for key, value in values.items() if key not in overridden}
         for key, value in values.items():
             destinations[key].required = False
-            if destinations[key].nargs in ("+", "*") and not isinstance(value, list):
-                values[key] = [value]
+            values[key] = _typed_value(recipe, key, value, destinations[key])
         parser.set_defaults(**values)
     *parsed, _, remaining = parser.parse_args_into_dataclasses(
         rest, look_for_args_file=False, return_remaining_strings=True

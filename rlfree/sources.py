@@ -7,6 +7,7 @@ only be local paths are checked here first, and the libraries' own errors are tu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -56,6 +57,27 @@ def same_source(name_a: str, name_b: str) -> bool:
     if name_a == name_b:
         return True
     return Path(name_a).exists() and Path(name_b).exists() and Path(name_a).resolve() == Path(name_b).resolve()
+
+
+def content_fingerprint(name_or_path: str | None) -> str | None:
+    """A hash of a local file's bytes, or of a local folder's files (names and bytes); None for a Hub id or nothing.
+
+    What a prompt set *is*, whatever path names it: a copy elsewhere is the same prompts, an edited file is not.
+    """
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    files = [path] if path.is_file() else sorted(item for item in path.rglob("*") if item.is_file())
+    if not path.exists() or not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        if file != path:  # a folder's file: its name is part of the content
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def load_model_config(flag: str, name_or_path: str, trust_remote_code: bool = False):

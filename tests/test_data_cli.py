@@ -183,7 +183,7 @@ def test_save_stage_writes_dataset_and_sidecars_atomically(tmp_path):
     save_stage(Dataset.from_list(PROMPT_ROWS), output, "scoring", {"reward": ["r.py:f"]}, input_dir=earlier)
 
     assert load_from_disk(str(output)).to_list() == PROMPT_ROWS
-    assert json.loads((output / "scoring.json").read_text()) == {"reward": ["r.py:f"]}
+    assert json.loads((output / "scoring.json").read_text()) == {"reward": ["r.py:f"], "working_dir": os.getcwd()}
     assert json.loads((output / "generation.json").read_text()) == {"num_samples": 4}
     assert not (output / "unrelated.json").exists()
     assert leftovers(output.parent) == []
@@ -204,7 +204,7 @@ def test_save_stage_failing_midway_keeps_the_previous_output(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_stage(ExplodingDataset(), output, "scoring", {"run": 2})
     assert load_from_disk(str(output)).to_list() == PROMPT_ROWS
-    assert json.loads((output / "scoring.json").read_text()) == {"run": 1}
+    assert json.loads((output / "scoring.json").read_text()) == {"run": 1, "working_dir": os.getcwd()}
     assert leftovers(tmp_path) == []
 
 
@@ -213,7 +213,7 @@ def test_save_stage_overwrites_an_existing_output(tmp_path):
     save_stage(Dataset.from_list(PROMPT_ROWS), output, "scoring", {"run": 1})
     save_stage(Dataset.from_list(PROMPT_ROWS[:1]), output, "weighting", {"run": 2})
     assert load_from_disk(str(output)).to_list() == PROMPT_ROWS[:1]
-    assert json.loads((output / "weighting.json").read_text()) == {"run": 2}
+    assert json.loads((output / "weighting.json").read_text()) == {"run": 2, "working_dir": os.getcwd()}
     assert not (output / "scoring.json").exists()  # the whole folder was replaced, not merged
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weighted"]

@@ -107,7 +107,7 @@ def test_a_folder_that_is_not_a_stage_output_is_not_replaced(scored, tmp_path, c
     code, err = run_cli(["weight", "--input_dir", scored, "--beta", 0.5, "--output_dir", home], capsys)
     assert code == 2 and "already holds other files" in err
     code, err = run_cli(["weight", "--input_dir", scored, "--beta", 0.5, "--output_dir", scored.parent], capsys)
-    assert code == 2 and "already holds other files" in err
+    assert code == 2 and f"holds --input_dir {scored}: writing the stage would replace its own input" in err
     assert (home / "thesis.tex").read_text() == "years of work" and scored.exists()
 
 
@@ -156,7 +156,7 @@ def test_a_fixed_reward_function_rescores_the_shards_its_broken_version_wrote(ge
     write_reward(reward_file, "    return [2.0] * len(completions)")
     assert run_cli(argv, capsys)[0] == 0
     assert set(load_from_disk(str(out))["reward"]) == {2.0}
-    assert json.loads((out / "scoring.json").read_text())["reward_fingerprints"][spec] is not None
+    assert json.loads((out / "scoring.json").read_text())["reward_fingerprints"][0] is not None
 
 
 def test_the_nan_reward_advice_works_both_ways(generated, tmp_path, capsys, monkeypatch):
@@ -439,11 +439,11 @@ def test_checkpoints_of_a_run_with_other_settings_are_not_resumed(reference_dir,
 
     out = tmp_path / "model"
     argv = ["train", "--model_name_or_path", reference_dir, "--dataset_dir", scored, "--output_dir", out]
-    out.mkdir()
-    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")  # a checkpoint of an older version: no record
     (out / IN_PROGRESS).write_text(json.dumps({"learning_rate": 0.1}))  # what an interrupted run left
     code, err = run_cli([*argv, "--resume_from_checkpoint", "last"], capsys)
-    assert code == 2 and "come from a run with other settings (" in err and "learning_rate: 0.1 -> 5e-05" in err
+    assert code == 2 and "comes from a run with other settings (" in err and "learning_rate: 0.1 -> 5e-05" in err
 
 
 def test_the_same_command_after_a_reward_fix_rescores_a_complete_folder(generated, tmp_path, capsys):
@@ -486,3 +486,351 @@ def test_a_fresh_start_over_checkpoints_of_an_interrupted_run_is_refused(referen
     assert (
         code == 2 and "holds checkpoints of an earlier run: resume from them with --resume_from_checkpoint last" in err
     )
+
+
+# --- round two: what a new (and careless) user found ---
+
+
+@pytest.fixture(scope="module")
+def weighted(scored, tmp_path_factory):
+    from rlfree.stages.weight import WeightConfig, weight
+
+    path = tmp_path_factory.mktemp("stages") / "weighted"
+    weight(WeightConfig(str(scored), str(path), "rlhf", beta=0.5))
+    return path
+
+
+def one_line_error(code: int, err: str, command: str) -> bool:
+    """Exit 2 with one line `rlfree COMMAND: error: ...` on stderr (after any progress bars), no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("rlfree ")]
+    return (
+        code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith(f"rlfree {command}: error:")
+    )
+
+
+def test_prompt_columns_named_like_stage_columns_are_refused(reference_dir, tmp_path, capsys):
+    """A TRL prompt-completion file: its gold `completion` would have replaced every sampled one (all rewards 1.0)."""
+    prompts = tmp_path / "prompt_completion.jsonl"
+    prompts.write_text('{"prompt": "1 + 2 =", "completion": "3"}\n{"prompt": "2 + 2 =", "completion": "4"}\n')
+    out = tmp_path / "out"
+    code, err = run_cli(generate_args(reference_dir, prompts, out), capsys)
+    assert one_line_error(code, err, "generate") and nothing_made(out)
+    assert "column(s) ['completion']" in err and "'completion' -> 'gold_completion'" in err
+    for column in ("weight", "ref_logprob", "reward_accuracy"):
+        prompts.write_text(json.dumps({"prompt": "1 + 2 =", column: 1.0}) + "\n")
+        code, err = run_cli(generate_args(reference_dir, prompts, out), capsys)
+        assert code == 2 and f"column(s) ['{column}']" in err and nothing_made(out)
+
+
+def test_every_column_a_stage_writes_is_reserved(weighted, reference_dir, prompts_file, tmp_path):
+    """`STAGE_COLUMNS` is what a prompt file may not carry: it must name every column the stages write, or a prompt
+    column of that name would again replace one silently."""
+    from rlfree.data import REWARD_COLUMN_PREFIX, STAGE_COLUMNS
+    from rlfree.stages.sample import SampleConfig, sample
+
+    reserved = set().union(*STAGE_COLUMNS.values())
+    inputs = {"prompt", "answer"}  # the prompt file's own columns
+    sample(
+        SampleConfig(
+            str(reference_dir), str(prompts_file), str(tmp_path / "soft"), soft_best_of_n=2, beta=0.5,
+            reward=[REWARD], max_new_tokens=3,
+        )
+    )  # fmt: skip
+    for folder in (weighted, tmp_path / "soft" / "picked"):
+        written = set(load_from_disk(str(folder)).column_names) - inputs
+        unreserved = {name for name in written - reserved if not name.startswith(REWARD_COLUMN_PREFIX)}
+        assert written and not unreserved
+
+
+def test_rerunning_a_stage_keeps_a_users_files_in_its_output_folder(generated, tmp_path, capsys):
+    out = tmp_path / "scored"
+    argv = ["score", "--input_dir", generated, "--reward", REWARD, "--output_dir", out]
+    assert run_cli(argv, capsys)[0] == 0
+    (out / "inspect").mkdir()  # `rlfree inspect`'s default report: rlfree's own, stale once the data is rewritten
+    assert run_cli(argv, capsys)[0] == 0
+    (out / "NOTES.md").write_text("what I tried")
+    code, err = run_cli(argv, capsys)
+    assert one_line_error(code, err, "score") and "also NOTES.md, which the stage did not write" in err
+    assert (out / "NOTES.md").read_text() == "what I tried" and len(load_from_disk(str(out))) == 16
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(reference_dir, prompts_file, generated, tmp_path, capsys):
+    """Re-running generate would have deleted `generated/scored` with the rest of its folder."""
+    inside = generated / "scored"
+    code, err = run_cli(["score", "--input_dir", generated, "--reward", REWARD, "--output_dir", inside], capsys)
+    assert one_line_error(code, err, "score") and f"is inside --input_dir {generated}" in err
+    assert nothing_made(inside)
+    code, err = run_cli(generate_args(reference_dir, prompts_file, reference_dir / "samples"), capsys)
+    assert code == 2 and "is inside --model_name_or_path" in err and nothing_made(reference_dir / "samples")
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    shutil.copy(prompts_file, holder / "prompts.jsonl")
+    code, err = run_cli(generate_args(reference_dir, holder / "prompts.jsonl", holder), capsys)
+    assert code == 2 and "holds --prompts" in err and (holder / "prompts.jsonl").is_file()
+
+
+def test_scoring_a_weighted_folder_drops_its_weighting(reference_dir, weighted, tmp_path, capsys):
+    """Weights computed from the old reward must not reach `train` beside a sidecar naming the new one."""
+    spec = write_reward(tmp_path / "length.py", "    return [float(len(c)) for c in completions]")
+    out = tmp_path / "rescored"
+    score(ScoreConfig(input_dir=str(weighted), output_dir=str(out), reward=[spec]))
+    assert "holds scoring and weighting results; this scoring replaces them" in capsys.readouterr().out
+    columns = load_from_disk(str(out)).column_names
+    assert not {"weight", "log_weight", "ess", "kl_estimate", "max_weight", "reward_arithmetic_reward"} & set(columns)
+    assert "reward_reward" in columns and not (out / "weighting.json").exists()
+    assert json.loads((out / "scoring.json").read_text())["reward"] == [spec]
+    code, err = run_cli(
+        ["train", "--model_name_or_path", reference_dir, "--dataset_dir", out, "--output_dir", tmp_path / "m"], capsys
+    )
+    assert one_line_error(code, err, "train") and "missing column(s) ['weight']" in err
+
+
+def train_args(reference_dir, weighted, out, *extra) -> list:
+    return [
+        "train", "--model_name_or_path", reference_dir, "--dataset_dir", weighted, "--output_dir", out,
+        "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 1, "--per_device_train_batch_size", 4,
+        "--report_to", "none", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpointed(reference_dir, weighted, tmp_path_factory):
+    """A finished two-step run that saved checkpoint-1 and checkpoint-2."""
+    out = tmp_path_factory.mktemp("train") / "model"
+    main([str(arg) for arg in train_args(reference_dir, weighted, out)])
+    return out
+
+
+def test_last_skips_a_checkpoint_a_kill_left_half_written(reference_dir, weighted, checkpointed, tmp_path, capsys):
+    """Killed while checkpoint-2 was written: its trainer_state.json is empty, the run unfinished."""
+    out = tmp_path / "model"
+    shutil.copytree(checkpointed, out)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("")
+    (out / "training.json").rename(out / ".rlfree-training-in-progress.json")
+    code, err = run_cli(train_args(reference_dir, weighted, out), capsys)
+    assert code == 2 and "resume from them with --resume_from_checkpoint last" in err
+    code, err = run_cli(train_args(reference_dir, weighted, out, "--resume_from_checkpoint", "last"), capsys)
+    assert code == 0, err
+    assert f"skipping {out / 'checkpoint-2'}: its trainer_state.json is empty or cut off" in err
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "training.json").is_file()
+    code, err = run_cli(
+        train_args(reference_dir, weighted, tmp_path / "other", "--resume_from_checkpoint", out / "nowhere"), capsys
+    )
+    assert one_line_error(code, err, "train") and "no such checkpoint folder" in err
+
+
+def test_resuming_a_checkpoint_with_other_settings_is_refused_from_any_folder(
+    reference_dir, weighted, checkpointed, tmp_path, capsys
+):
+    """The checkpoint carries its run's settings: resumed into a new folder with another learning rate, the Trainer
+    would have gone on with the checkpoint's schedule while the card recorded the new rate."""
+    checkpoint = checkpointed / "checkpoint-1"
+    assert json.loads((checkpoint / "rlfree_training.json").read_text())["learning_rate"] == 5e-05
+    out = tmp_path / "resumed"
+    argv = train_args(reference_dir, weighted, out, "--resume_from_checkpoint", checkpoint)
+    code, err = run_cli([*argv, "--learning_rate", 0.001], capsys)
+    assert one_line_error(code, err, "train") and "learning_rate: 5e-05 -> 0.001" in err and not out.exists()
+    assert run_cli(argv, capsys)[0] == 0 and (out / "training.json").is_file()
+
+
+def test_a_demo_over_one_with_other_settings_stops_before_changing_anything(tmp_path, capsys):
+    """Step 1 rewrites the reference and the prompts: it must not run when step 2 would refuse its folder."""
+    from dataclasses import asdict
+
+    from rlfree.data import save_stage
+    from rlfree.stages.checks import check_outputs
+    from rlfree.toy.demo import DemoConfig, stage_configs
+
+    out = tmp_path / "demo"
+    stages = stage_configs(DemoConfig(output_dir=str(out), seed=0), out)
+    (generation,) = stages["generate"]
+    save_stage(Dataset.from_list([{"prompt": "1 + 2 ="}]), generation.output_dir, "generation", asdict(generation))
+    (out / "prompts.jsonl").write_text("the first run's prompts\n")
+    check_outputs(stages.values())  # the same settings go on
+    code, err = run_cli(["demo", "--seed", 1, "--output_dir", out], capsys)
+    assert one_line_error(code, err, "demo") and "seed: 0 -> 1" in err
+    assert (out / "prompts.jsonl").read_text() == "the first run's prompts\n" and not (out / "reference").exists()
+
+
+def test_a_resumed_run_keeps_its_shards_when_paths_are_spelled_otherwise(generated, tmp_path, capsys, monkeypatch):
+    """The first run typed relative paths, the second absolute ones: the same files, so the finished shard is kept
+    (it was discarded as "other settings", and the work done thrown away)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(generated, "generated")
+    write_reward(
+        tmp_path / "r.py", "    if max(prompt_index) >= 2:\n        raise ValueError('bug')\n    return [1.0] * 8"
+    )
+    relative = ScoreConfig(input_dir="generated", output_dir="out", reward=["r.py:reward"], shard_size=8)
+    absolute = ScoreConfig(
+        input_dir=str(tmp_path / "generated"), output_dir=f"{tmp_path}/out/", reward=[f"{tmp_path}/./r.py:reward"],
+        shard_size=8,
+    )  # fmt: skip
+    for config in (relative, absolute):
+        capsys.readouterr()
+        with pytest.raises(StageInputError, match="raised ValueError: bug"):
+            score(config)
+    out = capsys.readouterr().out
+    assert "discarding" not in out and "resuming: 1 of 2 shards already written" in out
+
+
+def test_a_sampler_folder_accepts_a_byte_identical_copy_of_its_prompts(prompts_file, tmp_path):
+    from rlfree.evaluation.evaluate import EvaluateConfig, check_sampler_prompts
+    from rlfree.sources import content_fingerprint
+
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(prompts_file, copy)
+    fingerprint = content_fingerprint(str(prompts_file))
+    settings = {"prompts": str(prompts_file), "prompts_split": "train", "prompts_fingerprint": fingerprint}
+    config = EvaluateConfig(str(tmp_path), str(copy), str(tmp_path / "eval"), reward=[REWARD])
+    check_sampler_prompts(tmp_path, settings, config)
+    copy.write_text(copy.read_text() + json.dumps({"prompt": "9 + 9 ="}) + "\n")
+    with pytest.raises(StageInputError, match="holds picks for --prompts"):
+        check_sampler_prompts(tmp_path, settings, config)
+
+
+def write(path, content: str | bytes):
+    """Write `content` to `path` and return the path."""
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def reward_spec(path, source: str) -> str:
+    """`path:f` for a reward file holding `source`."""
+    return f"{write(path, source)}:f"
+
+
+def recipe(folder, reference_dir, prompts_file, **overrides) -> str:
+    sections = {
+        "model_name_or_path": str(reference_dir), "prompts": str(prompts_file), "num_samples": 2,
+        "max_new_tokens": 3, "output_dir": str(folder / "out"),
+    } | overrides  # fmt: skip
+    return str(write(folder / "recipe.yaml", "generate:\n" + "".join(f"  {k}: {v}\n" for k, v in sections.items())))
+
+
+# (command, what the error says, the arguments) for inputs that answered with a traceback, no message or wrong advice.
+# `t` holds the test's folder and fixtures; every case must leave `t.out` (and its .partial) uncreated.
+BAD_INPUTS = {
+    "non-UTF-8 prompt file": (
+        "generate", "line 1 is not UTF-8 text (byte 0xe9",
+        lambda t: generate_args(t.reference, write(t.tmp / "p.jsonl", b'{"prompt": "caf\xe9 1 + 2 ="}\n'), t.out),
+    ),
+    "score --batch_size 0": (
+        "score", "--batch_size must be >= 1, got 0",
+        lambda t: ["score", "--input_dir", t.generated, "--reward", REWARD, "--output_dir", t.out, "--batch_size", 0],
+    ),
+    "train --learning_rate -1": (
+        "train", "--learning_rate must be >= 0, got -1.0",
+        lambda t: ["train", "--model_name_or_path", t.reference, "--dataset_dir", t.weighted, "--output_dir", t.out,
+                   "--learning_rate", -1],
+    ),
+    "train --gradient_accumulation_steps 0": (
+        "train", "--gradient_accumulation_steps must be >= 1",
+        lambda t: ["train", "--model_name_or_path", t.reference, "--dataset_dir", t.weighted, "--output_dir", t.out,
+                   "--gradient_accumulation_steps", 0],
+    ),
+    "inspect --output_dir onto a file": (
+        "inspect", "is an existing file",
+        lambda t: ["inspect", t.weighted, "--output_dir", write(t.tmp / "report.txt", "mine")],
+    ),
+    "recipe value of the wrong type": (
+        "generate", "num_samples must be an integer, got 16.7",
+        lambda t: ["generate", "--config", recipe(t.tmp, t.reference, t.prompts, num_samples=16.7)],
+    ),
+    "recipe value outside the choices": (
+        "generate", "backend must be one of hf, vllm, got 'tgi'",
+        lambda t: ["generate", "--config", recipe(t.tmp, t.reference, t.prompts, backend="tgi")],
+    ),
+    "broken YAML": (
+        "generate", "not valid YAML at line 3",
+        lambda t: ["generate", "--config", write(t.tmp / "r.yaml", "generate:\n  num_samples: 2\n   prompts: [x\n")],
+    ),
+    "reward file with a syntax error": (
+        "score", "importing",
+        lambda t: ["score", "--input_dir", t.generated, "--output_dir", t.out,
+                   "--reward", reward_spec(t.tmp / "bad.py", "def f(prompts, completions):\n    return [1.0\n")],
+    ),
+    "reward file that fails when imported": (
+        "score", "raised ModuleNotFoundError: No module named 'not_installed'",
+        lambda t: ["score", "--input_dir", t.generated, "--output_dir", t.out,
+                   "--reward", reward_spec(t.tmp / "bad.py", "import not_installed\n")],
+    ),
+    "demo --num_prompts 1000": (
+        "demo", "--num_prompts must be in 1..100",
+        lambda t: ["demo", "--num_prompts", 1000, "--output_dir", t.out],
+    ),
+    "a billion samples of 4 prompts": (
+        "generate", "--num_samples 1000000000: the samples of one prompt take about",
+        lambda t: generate_args(t.reference, t.prompts, t.out, "--num_samples", 1_000_000_000),
+    ),
+    "inspect on a missing path": (
+        "inspect", "--input_dir", lambda t: ["inspect", t.tmp / "nowhere", "--output_dir", t.out],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_get_one_line_naming_the_input_and_create_nothing(
+    case, reference_dir, prompts_file, generated, weighted, tmp_path, capsys
+):
+    from types import SimpleNamespace
+
+    command, message, arguments = BAD_INPUTS[case]
+    paths = SimpleNamespace(
+        tmp=tmp_path, out=tmp_path / "out", reference=reference_dir, prompts=prompts_file, generated=generated,
+        weighted=weighted,
+    )  # fmt: skip
+    code, err = run_cli(arguments(paths), capsys)
+    assert one_line_error(code, err, command), err
+    assert message in err and nothing_made(paths.out)
+    if case == "reward file with a syntax error":
+        assert "'[' was never closed (at" in err and "bad.py:2)" in err
+    if case == "inspect on a missing path":
+        assert "nowhere: no such folder" in err
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("    import sys\n    sys.exit(0)", "called sys.exit(0) (at"),
+        ("    return ['1.0'] * len(completions)", "returned str '1.0' for row 0: rewards must be numbers"),
+    ],
+)
+def test_rewards_that_end_the_process_or_return_text_are_named(generated, tmp_path, capsys, body, message):
+    """`sys.exit(0)` in a reward ended rlfree with exit 0 and no output; numeric strings passed as rewards."""
+    spec = write_reward(tmp_path / "reward.py", body)
+    code, err = run_cli(["score", "--input_dir", generated, "--reward", spec, "--output_dir", tmp_path / "s"], capsys)
+    assert one_line_error(code, err, "score") and message in err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("reward", "weighting", "advice"),
+    [
+        (
+            "    return [float(i) for i in kwargs['sample_index']]",
+            ["--weighting", "rlhf", "--beta", 0.5],
+            "raise --beta",
+        ),
+        (None, ["--weighting", "rlif", "--rlif_exponent", 1.0], "lower --rlif_exponent"),
+        (None, ["--weighting", "rlif", "--target_kl", 0.3], "lower --target_kl"),
+        ("    return [1.0] * len(completions)", ["--weighting", "rlhf", "--beta", 0.5], None),
+    ],
+)
+def test_the_few_samples_warning_names_the_weightings_own_knob(generated, tmp_path, capsys, reward, weighting, advice):
+    """N = 4 is below 10·exp(KL) for every prompt; rlif has no beta to raise, and uniform weights (constant rewards,
+    KL 0) are estimated exactly, so there is nothing to warn about."""
+    source = generated
+    if reward is not None:
+        source = tmp_path / "scored"
+        score(
+            ScoreConfig(
+                input_dir=str(generated), output_dir=str(source), reward=[write_reward(tmp_path / "r.py", reward)]
+            )
+        )
+    code, err = run_cli(["weight", "--input_dir", source, *weighting, "--output_dir", tmp_path / "w"], capsys)
+    assert code == 0
+    if advice is None:
+        assert "plug-in KL" not in err
+    else:
+        assert "plug-in KL(pi* || p) within log 10 of its ceiling" in err and f"or {advice}." in err
+        assert "raise beta" not in err

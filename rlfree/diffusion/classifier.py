@@ -132,7 +132,7 @@ def classify(
     text = read_layout(model_name_or_path).conditioning == "text"
     condition_column = "prompt" if text else "class_label"
     columns = ["sample", condition_column, "prompt_index", "sample_index"]
-    dataset = load_stage(input_dir, tuple(columns))
+    dataset = load_stage(input_dir, tuple(columns), stage="classifying")
     null = "" if text else null_class
     if null in set(dataset.unique(condition_column)):
         raise StageInputError(

@@ -19,6 +19,7 @@ import torch
 from datasets import load_from_disk
 
 from ..lm.trainer import RLFreeConfig
+from ..stages.checks import check_outputs
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
 from ..stages.train import ModelConfig, train
@@ -85,35 +86,63 @@ def save_comparison(before: Path, after: Path, path: Path) -> None:
     plt.close(figure)
 
 
+def stage_configs(config: DemoConfig, out: Path) -> dict[str, tuple]:
+    """The configs of the demo's stages in `out` (a tuple each, as the stage functions take them): generate, score,
+    weight and train on the base, then generate and score again from the fine-tuned pipeline (`after`, `after_score`).
+    """
+    sampling = {"num_samples": SAMPLES_PER_DIGIT, "num_inference_steps": INFERENCE_STEPS, "batch_size": 160, "seed": config.seed}  # fmt: skip
+    prompts = str(out / "digits.jsonl")
+    return {
+        "generate": (GenerateConfig(str(out / "base"), prompts, str(out / "generated"), **sampling),),
+        "score": (ScoreConfig(reward=[REWARD], input_dir=str(out / "generated"), output_dir=str(out / "scored")),),
+        "weight": (WeightConfig(str(out / "scored"), str(out / "weighted"), "rlhf", beta=config.beta),),
+        "train": (
+            ModelConfig(model_name_or_path=str(out / "base")),
+            RLFreeConfig(
+                output_dir=str(out / "model"),
+                dataset_dir=str(out / "weighted"),
+                max_steps=TUNE_STEPS,
+                learning_rate=TUNE_LEARNING_RATE,
+                per_device_train_batch_size=64,
+                lr_scheduler_type="constant",
+                seed=config.seed,
+                report_to="none",
+                disable_tqdm=True,
+                logging_steps=100,
+            ),
+        ),
+        "after": (GenerateConfig(str(out / "model"), prompts, str(out / "after"), **sampling),),
+        "after_score": (
+            ScoreConfig(reward=[REWARD], input_dir=str(out / "after"), output_dir=str(out / "after_scored")),
+        ),
+    }
+
+
 def run_digits_demo(config: DemoConfig) -> dict[str, float]:
     """Run the diffusion demo end to end; returns its figures (mean ink before, after, and pi*'s estimate)."""
     start = time.time()
     out = Path(config.output_dir)
+    stages = stage_configs(config, out)
+    # Every stage folder is checked before step 1 retrains the base: a run over an earlier one with other settings
+    # stops here, not at step 2 with stage outputs that no longer match their base.
+    check_outputs(stages.values())
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"[1/6] training a class-conditional UNet on scikit-learn's 8x8 digits ({BASE_STEPS} steps) -> {out / 'base'}"
     )
     train_base(out / "base", BASE_STEPS, config.seed)
     (out / "digits.jsonl").write_text("".join(json.dumps({"prompt": str(digit)}) + "\n" for digit in range(10)))
-    sampling = {"num_samples": SAMPLES_PER_DIGIT, "num_inference_steps": INFERENCE_STEPS, "batch_size": 160, "seed": config.seed}  # fmt: skip
     print(f"[2/6] rlfree generate: {SAMPLES_PER_DIGIT} samples x 10 digits, {INFERENCE_STEPS} denoising steps")
-    generate(GenerateConfig(str(out / "base"), str(out / "digits.jsonl"), str(out / "generated"), **sampling))
+    generate(*stages["generate"])
     print(f"[3/6] rlfree score --reward {REWARD}")
-    score(ScoreConfig(reward=[REWARD], input_dir=str(out / "generated"), output_dir=str(out / "scored")))
+    score(*stages["score"])
     print(f"[4/6] rlfree weight --weighting rlhf --beta {config.beta}")
-    weighted = weight(WeightConfig(str(out / "scored"), str(out / "weighted"), "rlhf", beta=config.beta))
+    weighted = weight(*stages["weight"])
     print(f"[5/6] rlfree train: weighted denoising loss, {TUNE_STEPS} steps")
-    train(
-        ModelConfig(model_name_or_path=str(out / "base")),
-        RLFreeConfig(
-            output_dir=str(out / "model"), dataset_dir=str(out / "weighted"), max_steps=TUNE_STEPS,
-            learning_rate=TUNE_LEARNING_RATE, per_device_train_batch_size=64, lr_scheduler_type="constant",
-            seed=config.seed, report_to="none", disable_tqdm=True, logging_steps=100,
-        ),
-    )  # fmt: skip
+    train(*stages["train"])
     print("[6/6] rlfree generate from the fine-tuned pipeline (same seeds) and score")
-    generate(GenerateConfig(str(out / "model"), str(out / "digits.jsonl"), str(out / "after"), **sampling))
-    after = score(ScoreConfig(reward=[REWARD], input_dir=str(out / "after"), output_dir=str(out / "after_scored")))
+    generate(*stages["after"])
+    after = score(*stages["after_score"])
     reward, weights = np.array(weighted["reward"]), np.array(weighted["weight"])
     figures = {
         "mean_ink_before": float(reward.mean()),

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from datasets import Array3D, Dataset, Features, Value
 
-from ..data import check_output_dir, folder_stamp, load_prompts, process_state, run_in_shards
+from ..data import folder_stamp, load_prompts, process_state, run_in_shards
 from ..errors import StageInputError
 from ..lm.modeling import AdapterOff
 from ..seeds import sample_seed
+from ..sources import content_fingerprint
 from .lora import shares_base, with_adapter
 from .pipeline import Layout, denoise, load_pipeline, read_layout, sample_shape, to_images, unet_condition
 
@@ -124,12 +125,10 @@ def generate_samples(config: GenerateConfig) -> Dataset:
     check_diffusion_flags(config, layout)
     state = process_state()
     rows = conditions(config, layout)
-    jobs = [(p, s) for p in range(len(rows)) for s in range(config.num_samples)]
     settings = asdict(config) | {"family": "diffusion", "num_prompts": len(rows), "model_stamp": folder_stamp(path)}
+    settings["prompts_fingerprint"] = content_fingerprint(config.prompts)
     if config.ref_model is not None:
         settings["ref_model_stamp"] = folder_stamp(config.ref_model)
-    inputs = {"--model_name_or_path": path, "--prompts": config.prompts, "--ref_model": config.ref_model}
-    check_output_dir(config.output_dir, "generation", asdict(config), inputs)
     # --guidance_scale is RLG's W beside --ref_model, else a text-to-image pipeline's classifier-free guidance.
     rlg_scale = config.guidance_scale if config.ref_model is not None else 1.0
     cfg_scale = config.guidance_scale if config.ref_model is None and config.guidance_scale is not None else None
@@ -151,7 +150,7 @@ def generate_samples(config: GenerateConfig) -> Dataset:
         return None if config.ref_model is None else load_pipeline(config.ref_model, config.dtype, state.device).unet
 
     def make_shard(positions: range) -> Dataset:
-        shard = [jobs[position] for position in positions]
+        shard = [divmod(position, config.num_samples) for position in positions]  # (prompt, sample)
         columns: dict[str, list] = {}
         for start in range(0, len(shard), config.batch_size):
             batch = shard[start : start + config.batch_size]
@@ -174,7 +173,8 @@ def generate_samples(config: GenerateConfig) -> Dataset:
             dataset = dataset.add_column(name, columns[name])
         return dataset
 
-    dataset = run_in_shards(config.output_dir, "generation", settings, len(jobs), config.shard_size, make_shard)
+    total = len(rows) * config.num_samples
+    dataset = run_in_shards(config.output_dir, "generation", settings, total, config.shard_size, make_shard)
     if state.is_main_process:
         save_grids(dataset, Path(config.output_dir) / "grids")
     return dataset

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from ..data import process_state, read_sidecars
+from ..data import changed_settings, process_state, read_sidecars
 from ..diffusion import is_pipeline
 from ..errors import StageInputError
 from ..options import (
@@ -41,7 +41,6 @@ from ..options import (
     prompts_field,
     required_output_dir_field,
 )
-from ..sources import same_source
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
 from ..stages.weight import format_rows
@@ -263,7 +262,7 @@ def describe_sampler(settings: dict[str, Any]) -> str:
 def check_sampler_prompts(picks: Path, settings: dict[str, Any], config: EvaluateConfig) -> None:
     """A sampler's picks are compared on the prompts they were drawn for, or not at all."""
     prompts, split = settings["prompts"], settings["prompts_split"]
-    if not same_source(prompts, config.prompts) or split != config.prompts_split:
+    if changed_settings(settings, {"prompts": config.prompts, "prompts_split": config.prompts_split}):
         raise StageInputError(
             f"{picks} holds picks for --prompts {prompts} (split {split}), not {config.prompts} "
             f"(split {config.prompts_split}): pass the prompts the sampler ran on, or sample these prompts"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Value
 
-from ..data import load_stage, read_sidecars
+from ..data import check_writable, load_stage, read_sidecars
 from ..errors import StageInputError
 from ..stages.weight import WeightConfig, beta_sweep, format_rows
 from ..weights import diagnostics
@@ -402,11 +402,16 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
         ("prompt_index",),
         hint="Inspect the output folder of `rlfree generate`, `score` or `weight`.",
     )
+    output_dir = config.report_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise StageInputError(
+            f"--output_dir {output_dir} is an existing file: give a folder for the plots and inspect.json"
+        )
+    check_writable(output_dir)
     columns = read_columns(dataset)
     groups = PromptGroups.of(columns["prompt_index"])
     per_prompt = per_prompt_values(columns, groups)
     report = summarize(dataset, columns, groups, per_prompt, read_sidecars(config.input_dir), config)
-    output_dir = config.report_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     report["output_dir"] = str(output_dir)
     report["plots"] = write_plots(columns, per_prompt, report, output_dir)

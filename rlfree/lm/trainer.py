@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import read_sidecars
-from ..errors import StageInputError, check_finite
+from ..errors import StageInputError, check_finite, check_ranges
 from ..training import weight_scale, weighted_step_loss
 from .modeling import (
     DEFAULT_LOGITS_CHUNK_SIZE,
@@ -70,11 +70,27 @@ class RLFreeConfig(TrainingArguments):
         check_finite(self)
         if self.dataset_dir is None:
             raise StageInputError("--dataset_dir is required: the output folder of `rlfree weight`")
+        # Checked here, before any folder is made: the optimizer and the data loader would only fail at the first step.
+        check_ranges(
+            self,
+            {
+                "learning_rate": (self.learning_rate >= 0, ">= 0"),
+                "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
+                "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
+                "num_train_epochs": (self.num_train_epochs > 0 or self.max_steps > 0, "> 0 (or set --max_steps)"),
+                "weight_decay": (self.weight_decay >= 0, ">= 0"),
+                "max_length": (self.max_length is None or self.max_length >= 1, ">= 1"),
+                "logits_chunk_size": (self.logits_chunk_size is None or self.logits_chunk_size >= 0, ">= 0 (0 = off)"),
+            },
+        )
         if torch.accelerator.current_accelerator() is None:
             # Without this, `accelerate launch` on a CPU-only machine starts gloo ranks that each train on the whole
             # dataset instead of sharing it.
             self.use_cpu = True
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TrainingArguments' own checks name the flag and the fix; one line, no traceback
+            raise StageInputError(str(error).strip()) from None
 
 
 class WeightedCollator:

@@ -15,7 +15,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -41,16 +40,35 @@ def load_reward_function(spec: str) -> RewardFunction:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except (Exception, SystemExit) as error:
+            sys.modules.pop(module_name, None)
+            raise StageInputError(f"--reward {spec!r}: importing {path} {failure(error)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as error:
             raise StageInputError(f"--reward {spec!r}: cannot import module {target!r} ({error})") from error
+        except (Exception, SystemExit) as error:
+            raise StageInputError(f"--reward {spec!r}: importing {target} {failure(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise StageInputError(f"--reward {spec!r}: {target} has no function {name!r}")
     return function
+
+
+def failure(error: BaseException) -> str:
+    """What went wrong in a user's reward code, in one line: "raised E: message (at file:line, in function)". A syntax
+    error names its own line; `sys.exit` is named as such (a reward must return its values, not end the process)."""
+    if isinstance(error, SyntaxError):
+        return f"failed: {error.msg} (at {error.filename}:{error.lineno})"
+    if isinstance(error, SystemExit):
+        called = f"sys.exit({error.code!r})" if error.code is not None else "sys.exit()"
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return f"called {called} (at {where.filename}:{where.lineno}, in {where.name}) instead of returning its values"
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    return f"raised {type(error).__name__}: {error} (at {where.filename}:{where.lineno}, in {where.name})"
 
 
 def code_fingerprint(spec: str) -> str | None:
@@ -71,12 +89,11 @@ def code_fingerprint(spec: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def reward_fingerprints(config) -> dict[str, Any]:
+def reward_fingerprints(config) -> list:
     """What a scoring run's rewards are, beyond their names: each --reward's code fingerprint and each --reward_model
-    folder's last change (None for a Hub id). Part of the settings every re-run must match."""
-    return {spec: code_fingerprint(spec) for spec in config.reward} | {
-        path: folder_stamp(path) for path in config.reward_model
-    }
+    folder's last change (None for a Hub id), in the order of --reward then --reward_model (the paths themselves are
+    compared as settings, by the place they name). Part of the settings every re-run must match."""
+    return [code_fingerprint(spec) for spec in config.reward] + [folder_stamp(path) for path in config.reward_model]
 
 
 class RewardModel:
@@ -141,12 +158,10 @@ def _score_batch(function: RewardFunction, name: str, batch: dict[str, list], of
     prompts, completions, kwargs = reward_inputs(batch)
     try:
         values = function(prompts=prompts, completions=completions, **kwargs)
-    except Exception as error:
-        frame = traceback.extract_tb(error.__traceback__)[-1]
+    except (Exception, SystemExit) as error:
         raise StageInputError(
-            f"reward {name} raised {type(error).__name__}: {error} (at {frame.filename}:{frame.lineno}, in "
-            f"{frame.name}) while scoring {rows}. Fix the function and re-run the same command: the rows scored "
-            "before are recomputed with the new code"
+            f"reward {name} {failure(error)} while scoring {rows}. Fix the function and re-run the same command: the "
+            "rows scored before are recomputed with the new code"
         ) from error
     if values is None or isinstance(values, (str, bytes, int, float)) or not hasattr(values, "__len__"):
         raise StageInputError(
@@ -162,6 +177,8 @@ def _score_batch(function: RewardFunction, name: str, batch: dict[str, list], of
     floats = []
     for position, value in enumerate(values):
         try:
+            if isinstance(value, (str, bytes)):  # float("1.0") would pass: a reward is a number, not its text
+                raise TypeError
             floats.append(math.nan if value is None else float(value))
         except (TypeError, ValueError):
             raise StageInputError(

@@ -51,6 +51,7 @@ from ..options import (
 )
 from ..rewards.scoring import RewardModel, load_reward_function, reward_fingerprints, score_dataset
 from ..seeds import pick_uniforms
+from ..sources import content_fingerprint
 from ..weights import group_sum, normalize_per_group, pick, pick_log_weights
 from .generate import GenerateConfig, check_guidance, generate
 from .score import ScoreConfig, check_rewards, score
@@ -327,7 +328,11 @@ def save_picks(picked: Dataset, config: SampleConfig, input_dir: Path) -> Datase
     """Write `picked/` with its settings and cost; under `accelerate launch` every process picked the same rows."""
     state = process_state()
     if state.is_main_process:
-        settings = asdict(config) | {"sampler": config.sampler} | cost_summary(picked)
+        settings = asdict(config) | {
+            "sampler": config.sampler,
+            "prompts_fingerprint": content_fingerprint(config.prompts),
+        }
+        settings |= cost_summary(picked)
         save_stage(picked, Path(config.output_dir) / "picked", "sampling", settings, input_dir=input_dir)
     state.wait_for_everyone()
     return picked
@@ -425,6 +430,7 @@ def energy_guided(config: SampleConfig) -> Dataset:
         | {
             "sampler": config.sampler,
             "num_prompts": len(prompts.texts),
+            "prompts_fingerprint": content_fingerprint(config.prompts),
             "reward_fingerprints": reward_fingerprints(config),
         }
         | {"model_stamp": folder_stamp(config.model_name_or_path)}

@@ -35,8 +35,9 @@ class ScoreConfig(RewardOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.shard_size < 1:
-            raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")
+        for flag in ("batch_size", "shard_size"):
+            if getattr(self, flag) < 1:
+                raise StageInputError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
 
 
 def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
@@ -58,10 +59,19 @@ def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
     return dataset.select(keep)
 
 
+def check_output(config: ScoreConfig) -> None:
+    """Refuse an --output_dir that scoring would destroy (`check_output_dir`), before anything is made."""
+    check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
+
+
 def score(config: ScoreConfig) -> Dataset:
-    """Run the scoring stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run."""
+    """Run the scoring stage: shard by shard, across `accelerate launch` processes, resuming an interrupted run.
+
+    Scoring a folder that was scored (or weighted) before replaces its rewards, and leaves out its weights."""
     state = process_state()
-    dataset = load_stage(config.input_dir, ("prompt", "completion"), hint="Score the output of `rlfree generate`.")
+    check_output(config)
+    hint = "Score the output of `rlfree generate`."
+    dataset = load_stage(config.input_dir, ("prompt", "completion"), hint=hint, stage="scoring")
     reward_functions = [load_reward_function(spec) for spec in config.reward]
     for path in config.reward_model:
         load_model_config("--reward_model", path, config.trust_remote_code)
@@ -71,8 +81,6 @@ def score(config: ScoreConfig) -> Dataset:
         "input_fingerprint": dataset._fingerprint,
         "reward_fingerprints": reward_fingerprints(config),
     }
-    check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
-
     # A diffusion pipeline's completions are images: its reward models are image scorers.
     images = read_sidecars(config.input_dir).get("generation", {}).get("family") == "diffusion"
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..data import changed_settings, check_output_dir, describe_changes, load_stage
+from ..data import changed_settings, check_output_dir, describe_changes, load_stage, with_working_dir
 from ..diffusion import is_pipeline
 from ..diffusion.lora import ADAPTER_DIR, add_lora
 from ..diffusion.pipeline import load_pipeline
@@ -22,10 +22,11 @@ from ..lm.trainer import TRAIN_COLUMNS, RLFreeConfig, RLFreeTrainer
 from ..options import LoadOptions
 from ..sources import load_model_config
 
-logger = logging.getLogger(__name__)
-
 # Written into --output_dir when a run starts and removed when training.json marks it finished.
 IN_PROGRESS = ".rlfree-training-in-progress.json"
+# Written into each checkpoint: the settings of the run that saved it, which a run resuming from it must have.
+CHECKPOINT_SETTINGS = "rlfree_training.json"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
 @dataclass
@@ -77,8 +78,9 @@ def build_model(model_config: ModelConfig):
     return model
 
 
-def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
-    """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
+def check_output(model_config: ModelConfig, args: RLFreeConfig) -> str | None:
+    """Refuse an --output_dir that training would spoil, before anything is made; returns the checkpoint to resume
+    from (`checkpoint_to_resume`), checked against the settings of the run that wrote it."""
     output = Path(args.output_dir).expanduser()
     settings = training_settings(model_config, args)
     # A folder an interrupted run left (its in-progress marker, or its checkpoints) is this stage's own: the run
@@ -92,13 +94,17 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
             f"--output_dir {output} holds checkpoints of an earlier run: resume from them with --resume_from_checkpoint "
             "last, or delete them to start over"
         )
-    if args.resume_from_checkpoint is not None and (output / IN_PROGRESS).is_file():
-        different = changed_settings(json.loads((output / IN_PROGRESS).read_text()), settings)
-        if different:
-            raise StageInputError(
-                f"--resume_from_checkpoint: the checkpoints in {output} come from a run with other settings "
-                f"({describe_changes(different)}); resume with those settings, or train into a new --output_dir"
-            )
+    checkpoint = checkpoint_to_resume(args)
+    if checkpoint is not None:
+        check_resumed_settings(Path(checkpoint), settings)
+    return checkpoint
+
+
+def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
+    """Train on the output of `rlfree weight` and write an SFT-style checkpoint to the root of `output_dir`."""
+    output = Path(args.output_dir).expanduser()
+    settings = training_settings(model_config, args)
+    checkpoint = check_output(model_config, args)
     diffusion = is_pipeline(model_config.model_name_or_path)
     if not diffusion:
         load_model_config("--model_name_or_path", model_config.model_name_or_path, model_config.trust_remote_code)
@@ -129,12 +135,13 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
             "LoRA with ZeRO-2 or DDP"
         )
     finished_marker = output / "training.json"
-    record = json.dumps(settings, indent=2, default=str) + "\n"
+    record = json.dumps(with_working_dir(settings), indent=2, default=str) + "\n"
+    trainer.add_callback(RecordSettings(record))
     if trainer.is_world_process_zero():
         finished_marker.unlink(missing_ok=True)  # an earlier run's marker must not vouch for this run's files
         output.mkdir(parents=True, exist_ok=True)
         (output / IN_PROGRESS).write_text(record)
-    trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
+    trainer.train(resume_from_checkpoint=checkpoint)
     if diffusion:
         trainer.save_pipeline(args.output_dir)
     elif model_config.use_peft and model_config.merge_lora:
@@ -155,14 +162,90 @@ def train(model_config: ModelConfig, args: RLFreeConfig) -> RLFreeTrainer:
     return trainer
 
 
+class RecordSettings(TrainerCallback):
+    """Writes the run's settings into every checkpoint it saves, so that a run resuming from that checkpoint, from
+    any folder, is checked against the settings that really produced it."""
+
+    def __init__(self, record: str):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            (folder / CHECKPOINT_SETTINGS).write_text(self.record)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a run killed while writing it), or None when it can: the
+    Trainer writes trainer_state.json last, so a checkpoint whose state reads back whole is complete."""
+    state = checkpoint / TRAINER_STATE
+    if not state.is_file():
+        return f"it has no {TRAINER_STATE}"
+    try:
+        json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"its {TRAINER_STATE} is empty or cut off"
+    return None
+
+
 def checkpoint_to_resume(args: RLFreeConfig) -> str | None:
-    """`--resume_from_checkpoint last` means the newest checkpoint in `--output_dir`, if there is one."""
+    """The checkpoint to resume from: `--resume_from_checkpoint PATH`, checked to be complete, or for `last` the
+    newest complete checkpoint in `--output_dir` (newer ones a kill left half-written are named and skipped)."""
+    if args.resume_from_checkpoint is None:
+        return None
     if args.resume_from_checkpoint != "last":
-        return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if last is None:
-        logger.warning("--resume_from_checkpoint last: no checkpoint in %s yet, starting from step 0", args.output_dir)
-    return last
+        path = Path(args.resume_from_checkpoint).expanduser()
+        if not path.is_dir():
+            raise StageInputError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise StageInputError(
+                f"--resume_from_checkpoint {path}: {reason}, so it was not written to the end (was the run killed "
+                "while saving it?); resume from an earlier checkpoint, or use `last` to take the newest complete one"
+            )
+        return str(path)
+    output = Path(args.output_dir).expanduser()
+    steps = {}
+    for folder in output.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output.is_dir() else []:
+        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if folder.is_dir() and step.isdigit():
+            steps[int(step)] = folder
+    for step in sorted(steps, reverse=True):
+        reason = incomplete_reason(steps[step])
+        if reason is None:
+            return str(steps[step])
+        warn(f"--resume_from_checkpoint last: skipping {steps[step]}: {reason} (a run killed while saving it)")
+    warn(f"--resume_from_checkpoint last: no complete checkpoint in {output} yet, starting from step 0")
+    return None
+
+
+def check_resumed_settings(checkpoint: Path, settings: dict) -> None:
+    """Refuse to resume a checkpoint with settings other than those of the run that wrote it: the Trainer would go on
+    with the checkpoint's optimizer and schedule while the model card recorded the new ones. The settings are the
+    checkpoint's own record, or (checkpoints of older versions) those of the run that left its folder."""
+    candidates = [
+        checkpoint / CHECKPOINT_SETTINGS,
+        checkpoint.parent / IN_PROGRESS,
+        checkpoint.parent / "training.json",
+    ]
+    record = next((path for path in candidates if path.is_file()), None)
+    if record is None:
+        warn(
+            f"--resume_from_checkpoint {checkpoint}: no record of the run that wrote it; its settings are not checked"
+        )
+        return
+    different = changed_settings(json.loads(record.read_text()), settings)
+    if different:
+        raise StageInputError(
+            f"--resume_from_checkpoint: {checkpoint} comes from a run with other settings "
+            f"({describe_changes(different)}); resuming would go on with its own optimizer and schedule. Resume with "
+            "those settings, or start a new run from its weights (--model_name_or_path the checkpoint) into a new "
+            "--output_dir"
+        )
 
 
 def training_settings(model_config: ModelConfig, args: RLFreeConfig) -> dict:

@@ -260,7 +260,8 @@ def summarize(per_prompt: dict[str, torch.Tensor]) -> dict[str, float]:
     present = per_prompt["count"] > 0
     ess, kl_estimate = per_prompt["ess"][present], per_prompt["kl_estimate"][present]
     count = per_prompt["count"][present]
-    near_ceiling = kl_estimate > count.log() - math.log(SAMPLES_PER_EXP_KL)
+    # Uniform weights (KL 0: constant rewards, say) are estimated exactly, however few the samples.
+    near_ceiling = (kl_estimate > count.log() - math.log(SAMPLES_PER_EXP_KL)) & (kl_estimate > 1e-9)
     return {
         "num_prompts": int(present.sum()),
         "num_samples": int(count.sum()),
@@ -326,7 +327,18 @@ def format_rows(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-def warnings_for(summary: dict) -> list[str]:
+def smaller_kl_advice(config: WeightConfig) -> str:
+    """How to ask this weighting for a target closer to pi_ref: the knob it has (rlif has no beta)."""
+    if config.target_kl is not None:
+        return "lower --target_kl"
+    if config.target_ess is not None:
+        return "raise --target_ess"
+    if "rlhf" in config.weighting:
+        return "raise --beta"
+    return "lower --rlif_exponent" if config.rlif_exponent is not None else "raise --beta_if"
+
+
+def warnings_for(summary: dict, config: WeightConfig) -> list[str]:
     """Plain-language warnings about estimates that should not be trusted."""
     messages = []
     if summary["prompts_near_kl_ceiling"]:
@@ -334,12 +346,13 @@ def warnings_for(summary: dict) -> list[str]:
             f"{summary['prompts_near_kl_ceiling']} of {summary['num_prompts']} prompts have a plug-in KL(pi* || p) "
             f"within log {SAMPLES_PER_EXP_KL} of its ceiling log N (largest {summary['kl_estimate_max']:.2f} nats): "
             "there it underestimates the true KL and a few samples carry the weight. Sample at least "
-            f"{summary['samples_needed']} completions per prompt ({SAMPLES_PER_EXP_KL} * exp(KL)), or raise beta."
+            f"{summary['samples_needed']} completions per prompt ({SAMPLES_PER_EXP_KL} * exp(KL)), or "
+            f"{smaller_kl_advice(config)}."
         )
     if summary.get("prompts_out_of_reach"):
         messages.append(
-            f"{summary['prompts_out_of_reach']} prompts cannot reach the target at any beta (all rewards equal, or "
-            "ties at the top); they use the nearest end of the beta range."
+            f"{summary['prompts_out_of_reach']} prompts cannot reach the target at any {config.solved_name} (all "
+            f"values equal, or ties at the top); they use the nearest end of the {config.solved_name} range."
         )
     return messages
 
@@ -411,6 +424,11 @@ def weight_dataset(dataset: Dataset, config: WeightConfig) -> tuple[Dataset, dic
     return dataset, summarize(per_prompt) | summary | {"num_samples": len(dataset)}
 
 
+def check_output(config: WeightConfig) -> None:
+    """Refuse an --output_dir that weighting would destroy (`check_output_dir`), before anything is made."""
+    check_output_dir(config.output_dir, "weighting", asdict(config), {"--input_dir": config.input_dir})
+
+
 def weight(config: WeightConfig) -> Dataset:
     """Run the weighting stage, write its dataset and `weighting.json`, and print a summary.
 
@@ -418,14 +436,14 @@ def weight(config: WeightConfig) -> Dataset:
     `accelerate launch` the main process does it alone while the others wait, then all read the result.
     """
     state = process_state()
-    check_output_dir(config.output_dir, "weighting", asdict(config), {"--input_dir": config.input_dir})
+    check_output(config)
     if state.is_main_process:
         hint = "rlhf weighting needs `rlfree score` output." if "rlhf" in config.weighting else ""
         family = read_sidecars(config.input_dir).get("generation", {}).get("family")
-        dataset = load_stage(config.input_dir, config.required_columns(family), hint=hint)
+        dataset = load_stage(config.input_dir, config.required_columns(family), hint=hint, stage="weighting")
         dataset, summary = weight_dataset(dataset, config)
         print(f"weighting {config.weighting}:\n{format_summary(summary)}")
-        for message in warnings_for(summary):
+        for message in warnings_for(summary, config):
             print(f"warning: {message}", file=sys.stderr)
         save_stage(dataset, config.output_dir, "weighting", asdict(config) | summary, input_dir=config.input_dir)
     state.wait_for_everyone()

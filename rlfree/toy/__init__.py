@@ -24,6 +24,7 @@ VOCAB: list[str] = [EOS, UNK, *(str(d) for d in range(10)), "+", "="]
 _PROMPT_RE = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=")
 _BATCH_SIZE = 512
 _TRAIN_LEN = 7  # "a + b =" (4 tokens) + up to two answer digits + EOS
+NUM_PROMPTS = 100  # "a + b =" for single digits a and b
 
 
 def _spaced(n: int) -> str:
@@ -42,7 +43,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_prompts(num_prompts: int | None = None, seed: int = 0) -> list[dict]:
-    """All 100 prompts "a + b =" (a, b in 0..9), or a seeded subset of that size kept in canonical order."""
+    """All `NUM_PROMPTS` prompts "a + b =" (a, b in 0..9), or a seeded subset of that size in canonical order."""
     rows = [{"prompt": f"{a} + {b} =", "answer": _spaced(a + b)} for a in range(10) for b in range(10)]
     if num_prompts is None:
         return rows

@@ -16,9 +16,10 @@ import torch
 from datasets import load_from_disk
 
 from .. import toy
-from ..errors import check_choice, check_finite
+from ..errors import check_choice, check_finite, check_ranges
 from ..lm.modeling import load_causal_lm
 from ..lm.trainer import RLFreeConfig
+from ..stages.checks import check_outputs
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
 from ..stages.train import ModelConfig, train
@@ -64,8 +65,30 @@ class DemoConfig:
     def __post_init__(self):
         check_finite(self)
         check_choice("--family", self.family, ("lm", "diffusion"))
+        check_choice("--weighting", self.weighting, ("rlhf", "rlif"))
         if self.beta is None:
             self.beta = 0.02 if self.family == "diffusion" else 0.5
+        # Checked here, not by the stages: the demo trains its reference model before the first stage runs.
+        check_ranges(
+            self,
+            {
+                "num_prompts": (
+                    1 <= self.num_prompts <= toy.NUM_PROMPTS,
+                    f"in 1..{toy.NUM_PROMPTS} (the task has no more)",
+                ),
+                "num_samples": (self.num_samples >= 1, ">= 1"),
+                "max_new_tokens": (
+                    1 <= self.max_new_tokens <= 5,
+                    "in 1..5 (the exact sums enumerate 13^T completions)",
+                ),
+                "beta": (self.beta > 0, "> 0"),
+                "rlif_exponent": (self.rlif_exponent > -1, "> -1"),
+                "temperature": (self.temperature > 0, "> 0"),
+                "num_train_epochs": (self.num_train_epochs > 0, "> 0"),
+                "learning_rate": (self.learning_rate > 0, "> 0"),
+                "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
+            },
+        )
 
 
 def exact_report(logprobs: torch.Tensor, reference: dict) -> dict[str, float]:
@@ -118,51 +141,35 @@ def plot(rows: dict[str, dict[str, float]], weights: list[float], path: Path) ->
     plt.close(figure)
 
 
-def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
-    """Run the demo end to end; returns the exact figures per model (pi_ref, trained, pi*)."""
-    if config.family == "diffusion":
-        from ..diffusion.demo import run_digits_demo
-
-        return run_digits_demo(config)
-    start = time.time()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/5] training a tiny reference model on noisy single-digit sums -> {out / 'reference'}")
-    model, tokenizer, prompt_rows = toy.write_task(out, config.num_prompts, config.seed)
-
-    print(f"[2/5] rlfree generate: {config.num_samples} samples x {config.num_prompts} prompts")
-    generate(
-        GenerateConfig(
-            model_name_or_path=str(out / "reference"),
-            prompts=str(out / "prompts.jsonl"),
-            output_dir=str(out / "generated"),
-            num_samples=config.num_samples,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            batch_size=512,
-            seed=config.seed,
-        )
+def stage_configs(config: DemoConfig, out: Path) -> dict[str, tuple]:
+    """The configs of the demo's stages (a tuple each, as the stage functions take them), each reading the one before
+    it in `out` (no score stage for rlif)."""
+    sampling = GenerateConfig(
+        model_name_or_path=str(out / "reference"),
+        prompts=str(out / "prompts.jsonl"),
+        output_dir=str(out / "generated"),
+        num_samples=config.num_samples,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        batch_size=512,
+        seed=config.seed,
     )
-    weight_input = out / "generated"
+    stages: dict[str, tuple] = {"generate": (sampling,)}
     if config.weighting == "rlhf":
-        print(f"[3/5] rlfree score --reward {REWARD}")
-        score(ScoreConfig(input_dir=str(weight_input), output_dir=str(out / "scored"), reward=[REWARD]))
-        weight_input = out / "scored"
-        weight_config = WeightConfig(str(weight_input), str(out / "weighted"), "rlhf", beta=config.beta)
-    else:
-        print("[3/5] rlif needs no reward: skipping score")
-        weight_config = WeightConfig(
-            str(weight_input), str(out / "weighted"), "rlif", rlif_exponent=config.rlif_exponent
+        stages["score"] = (
+            ScoreConfig(input_dir=sampling.output_dir, output_dir=str(out / "scored"), reward=[REWARD]),
         )
-    print(f"[4/5] rlfree weight --weighting {config.weighting}")
-    weight(weight_config)
-
-    print("[5/5] rlfree train (weighted maximum likelihood)")
-    train(
+        weighting = WeightConfig(str(out / "scored"), str(out / "weighted"), "rlhf", beta=config.beta)
+    else:
+        weighting = WeightConfig(
+            sampling.output_dir, str(out / "weighted"), "rlif", rlif_exponent=config.rlif_exponent
+        )
+    stages["weight"] = (weighting,)
+    stages["train"] = (
         ModelConfig(model_name_or_path=str(out / "reference")),
         RLFreeConfig(
             output_dir=str(out / "model"),
-            dataset_dir=str(out / "weighted"),
+            dataset_dir=weighting.output_dir,
             num_train_epochs=config.num_train_epochs,
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.per_device_train_batch_size,
@@ -175,6 +182,36 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
             logging_steps=50,
         ),
     )
+    return stages
+
+
+def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
+    """Run the demo end to end; returns the exact figures per model (pi_ref, trained, pi*)."""
+    if config.family == "diffusion":
+        from ..diffusion.demo import run_digits_demo
+
+        return run_digits_demo(config)
+    start = time.time()
+    out = Path(config.output_dir)
+    stages = stage_configs(config, out)
+    # Every stage folder is checked before step 1 rewrites the reference and the prompts: a demo run over an earlier
+    # one with other settings stops here, not at step 2 with stage outputs that no longer match their reference.
+    check_outputs(stages.values())
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/5] training a tiny reference model on noisy single-digit sums -> {out / 'reference'}")
+    model, tokenizer, prompt_rows = toy.write_task(out, config.num_prompts, config.seed)
+
+    print(f"[2/5] rlfree generate: {config.num_samples} samples x {config.num_prompts} prompts")
+    generate(*stages["generate"])
+    if "score" in stages:
+        print(f"[3/5] rlfree score --reward {REWARD}")
+        score(*stages["score"])
+    else:
+        print("[3/5] rlif needs no reward: skipping score")
+    print(f"[4/5] rlfree weight --weighting {config.weighting}")
+    weight(*stages["weight"])
+    print("[5/5] rlfree train (weighted maximum likelihood)")
+    train(*stages["train"])
 
     prompts = [row["prompt"] for row in prompt_rows]
     reference = toy.exact_distributions(model, tokenizer, prompts, config.max_new_tokens)
