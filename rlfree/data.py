@@ -20,7 +20,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, l
 from tqdm.auto import tqdm
 
 from .errors import StageInputError
-from .sources import check_local_exists
+from .sources import check_local_exists, content_fingerprint
 
 SIDECARS = ("generation", "scoring", "classifying", "weighting", "training", "sampling")
 # The columns each stage writes (a stage's rows also keep every column of its input). Scoring also writes one
@@ -35,7 +35,9 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "scoring": ("reward",),
     "classifying": ("class_log_ratio", "class_log_ratio_stderr"),
-    "weighting": ("log_weight", "weight", "ess", "kl_estimate", "kl_ref_estimate", "max_weight", "beta", "rlif_exponent"),
+    "weighting": (
+        "log_weight", "weight", "ess", "kl_estimate", "kl_ref_estimate", "max_weight", "beta", "rlif_exponent",
+    ),
     "sampling": (
         "pick_index", "pick_probability", "cost_sequences", "cost_tokens", "cost_model_tokens", "cost_reward_calls",
         "rollouts", "clipped_rollouts",
@@ -129,9 +131,9 @@ def check_prompt_columns(columns: list[str], source: str) -> None:
         renames = ", ".join(f"{name!r} -> 'gold_{name}'" for name in clashes)
         raise StageInputError(
             f"--prompts {source}: column(s) {clashes} have the names of columns rlfree's stages write (the sampled "
-            f"completion, its ids, log-probabilities, rewards, weights), so the file's values would take their place "
-            f"or be lost. Rename them in (a copy of) the prompt set, e.g. {renames}: every other column reaches the reward "
-            "functions as a keyword argument under its own name"
+            "completion, its ids, log-probabilities, rewards, weights), so the file's values would take their place "
+            f"or be lost. Rename them in (a copy of) the prompt set, e.g. {renames}: every other column reaches the "
+            "reward functions as a keyword argument under its own name"
         )
 
 
@@ -191,7 +193,9 @@ def load_stage(
     """
     path = Path(input_dir)
     if not path.exists():
-        raise StageInputError(f"{flag} {path}: no such folder")
+        partial = path.with_name(f"{path.name}.partial")
+        unfinished = f" ({partial.name} beside it holds an unfinished run: run its stage again to finish it)"
+        raise StageInputError(f"{flag} {path}: no such folder{unfinished if partial.is_dir() else ''}")
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
         raise StageInputError(f"{flag} {path}: not a dataset folder written by an rlfree stage")
     dataset = load_from_disk(str(path))
@@ -443,16 +447,20 @@ def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> dict
     changes = {}
     for key, value in as_json.items():
         old = recorded.get(key)
-        if key in RUN_ONLY_SETTINGS or old == value:
+        if key in RUN_ONLY_SETTINGS:
             continue
-        if key in PATH_SETTINGS and _place(key, old, recorded_base) == _place(key, value, Path.cwd()):
+        if key in PATH_SETTINGS:  # `data` typed in another folder is another place
+            if _place(key, old, recorded_base) == _place(key, value, Path.cwd()):
+                continue
+        elif old == value:
             continue
         fingerprint = CONTENT_FINGERPRINTS.get(key)
-        if fingerprint and recorded.get(fingerprint) is not None:
-            from .sources import content_fingerprint
-
-            if recorded[fingerprint] == content_fingerprint(value):
-                continue
+        if (
+            fingerprint
+            and recorded.get(fingerprint) is not None
+            and recorded[fingerprint] == content_fingerprint(value)
+        ):
+            continue
         changes[key] = (old, value)
     return changes
 
@@ -465,8 +473,8 @@ def _place(key: str, value: Any, base: Path) -> Any:
     if not isinstance(value, str):
         return value
     target, separator, name = value.rpartition(":")
-    if key == "reward" and separator and target.endswith(".py"):
-        return f"{_place('', target, base)}:{name}"
+    if key == "reward" and separator and target.endswith(".py"):  # a file, never a module
+        return f"{(base / Path(target).expanduser()).resolve()}:{name}"
     path = base / Path(value).expanduser()  # an absolute path stays itself
     if key in LOCAL_PATH_SETTINGS or path.exists():
         return str(path.resolve())

@@ -419,3 +419,33 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: rlfree {command}" in capsys.readouterr().out
+
+
+def test_settings_are_compared_by_the_place_they_name(tmp_path, monkeypatch):
+    """A path recorded relative to the folder its run started in is the same setting as that place typed any other
+    way; the same spelling from another folder is not. Hub ids compare as written; a prompt file by its contents."""
+    from rlfree.data import changed_settings
+    from rlfree.sources import content_fingerprint
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        (folder / "data").mkdir(parents=True)
+    (first / "p.jsonl").write_text('{"prompt": "1 + 2 ="}\n')
+    recorded = {
+        "input_dir": "data", "output_dir": "out/", "model_name_or_path": "org/model", "prompts": "p.jsonl",
+        "prompts_fingerprint": content_fingerprint(str(first / "p.jsonl")), "reward": ["r.py:f", "pkg.mod:f"],
+        "working_dir": str(first),
+    }  # fmt: skip
+    monkeypatch.chdir(second)
+    same = {
+        "input_dir": str(first / "data"), "output_dir": f"{first}/./out", "model_name_or_path": "org/model",
+        "prompts": str(first / "p.jsonl"), "reward": [f"{first}/r.py:f", "pkg.mod:f"],
+    }  # fmt: skip
+    assert changed_settings(recorded, same) == {}
+    (second / "copy.jsonl").write_text((first / "p.jsonl").read_text())
+    assert changed_settings(recorded, {"prompts": "copy.jsonl"}) == {}
+    (second / "copy.jsonl").write_text('{"prompt": "2 + 2 ="}\n')
+    other = {
+        "input_dir": "data", "model_name_or_path": "org/other", "prompts": "copy.jsonl", "reward": ["r.py:g", "pkg.mod:f"],
+    }  # fmt: skip
+    assert set(changed_settings(recorded, other)) == set(other)

@@ -278,7 +278,7 @@ def test_folder_that_is_not_a_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageInputError, match=r"not a dataset folder"):
         inspect(InspectConfig(input_dir=str(tmp_path / "empty")))
-    with pytest.raises(StageInputError, match=r"not a dataset folder"):
+    with pytest.raises(StageInputError, match=r"missing: no such folder"):
         inspect(InspectConfig(input_dir=str(tmp_path / "missing")))
     assert not (tmp_path / "empty" / "inspect").exists()
 

@@ -85,7 +85,7 @@ def test_an_interrupted_generation_resumes_to_the_uninterrupted_result(
         "shard-00000",
         "shard-00001",
     ]
-    with pytest.raises(StageInputError, match="not a dataset folder"):
+    with pytest.raises(StageInputError, match="no such folder .resumed.partial beside it holds an unfinished run"):
         load_stage(output)
 
     monkeypatch.undo()

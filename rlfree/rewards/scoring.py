@@ -63,12 +63,12 @@ def failure(error: BaseException) -> str:
     error names its own line; `sys.exit` is named as such (a reward must return its values, not end the process)."""
     if isinstance(error, SyntaxError):
         return f"failed: {error.msg} (at {error.filename}:{error.lineno})"
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    where = f"(at {frame.filename}:{frame.lineno}, in {frame.name})"
     if isinstance(error, SystemExit):
-        called = f"sys.exit({error.code!r})" if error.code is not None else "sys.exit()"
-        where = traceback.extract_tb(error.__traceback__)[-1]
-        return f"called {called} (at {where.filename}:{where.lineno}, in {where.name}) instead of returning its values"
-    where = traceback.extract_tb(error.__traceback__)[-1]
-    return f"raised {type(error).__name__}: {error} (at {where.filename}:{where.lineno}, in {where.name})"
+        called = "sys.exit()" if error.code is None else f"sys.exit({error.code!r})"
+        return f"called {called} {where} instead of returning its values"
+    return f"raised {type(error).__name__}: {error} {where}"
 
 
 def code_fingerprint(spec: str) -> str | None:
