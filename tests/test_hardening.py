@@ -672,6 +672,9 @@ def test_a_resumed_run_keeps_its_shards_when_paths_are_spelled_otherwise(generat
             score(config)
     out = capsys.readouterr().out
     assert "discarding" not in out and "resuming: 1 of 2 shards already written" in out
+    write_reward(tmp_path / "r.py", "    return [1.0] * len(completions)")
+    score(absolute)
+    score(relative)  # over the finished output: the same settings, so it is not refused as "other settings"
 
 
 def test_a_sampler_folder_accepts_a_byte_identical_copy_of_its_prompts(prompts_file, tmp_path):
