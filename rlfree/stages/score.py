@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from datasets import Dataset
 
 from ..data import check_output_dir, load_stage, process_state, read_sidecars, run_in_shards
-from ..errors import StageInputError
+from ..errors import StageInputError, check_ranges
 from ..options import RewardOptions
 from ..rewards.images import ImageRewardModel
 from ..rewards.scoring import RewardFunction, RewardModel, load_reward_function, reward_fingerprints, score_dataset
@@ -35,9 +35,9 @@ class ScoreConfig(RewardOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for flag in ("batch_size", "shard_size"):
-            if getattr(self, flag) < 1:
-                raise StageInputError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        check_ranges(
+            self, {"batch_size": (self.batch_size >= 1, ">= 1"), "shard_size": (self.shard_size >= 1, ">= 1")}
+        )
 
 
 def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
