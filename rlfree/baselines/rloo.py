@@ -24,6 +24,7 @@ from ..errors import StageInputError, check_finite
 from ..lm.modeling import load_tokenizer
 from ..options import reward_functions_field
 from ..rewards.scoring import load_reward_function
+from ..sources import model_folder
 
 
 @dataclass
@@ -67,7 +68,7 @@ def train_baseline(config: BaselineConfig, args: BaselineRLOOConfig) -> RLOOTrai
         prompts = prompts.remove_columns([c for c in ("prompt",) if c in prompts.column_names])
         prompts = prompts.rename_column("messages", "prompt")
     trainer = RLOOTrainer(
-        model=config.model_name_or_path,
+        model=model_folder(config.model_name_or_path),
         reward_funcs=[load_reward_function(spec) for spec in config.reward],
         args=args,
         train_dataset=prompts,

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import StageInputError
-from ..sources import same_source
+from ..sources import model_folder, same_source
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def default_device() -> torch.device:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(name_or_path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -50,14 +50,15 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a local folder or the Hub, in eval mode on `device` (CUDA when present).
+    """A causal LM from a local folder, a GGUF file (`model_folder`) or the Hub, in eval mode on `device` (CUDA when
+    present).
 
     A local PEFT adapter folder (what `rlfree train --use_peft` saves) loads as its base model wrapped in the adapter:
     peft's own loader, since transformers' built-in one asks for a newer peft than the package index has."""
     device = device or default_device()
     base = adapter_base(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
-        base or name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+        model_folder(base or name_or_path), dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
     )
     if base is not None:
         from peft import PeftModel

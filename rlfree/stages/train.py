@@ -20,7 +20,7 @@ from ..errors import StageInputError
 from ..lm.modeling import default_device, load_tokenizer, resolve_dtype
 from ..lm.trainer import TRAIN_COLUMNS, RLFreeConfig, RLFreeTrainer
 from ..options import LoadOptions
-from ..sources import load_model_config
+from ..sources import load_model_config, model_folder
 
 # Written into --output_dir when a run starts and removed when training.json marks it finished.
 IN_PROGRESS = ".rlfree-training-in-progress.json"
@@ -57,10 +57,13 @@ class ModelConfig(LoadOptions):
 def build_model(model_config: ModelConfig):
     """Load the model to train and, with --use_peft, wrap it in a LoRA adapter."""
     model = AutoModelForCausalLM.from_pretrained(
-        model_config.model_name_or_path,
+        model_folder(model_config.model_name_or_path),
         dtype=resolve_dtype(model_config.dtype, default_device()),
         trust_remote_code=model_config.trust_remote_code,
     )
+    model.config.name_or_path = (
+        model_config.model_name_or_path
+    )  # what the model card names: a GGUF file, not its cache
     if model_config.use_peft:
         from peft import LoraConfig, get_peft_model
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ...errors import StageInputError
 from ...options import SamplerOptions
 from ...seeds import sample_seed
+from ...sources import model_folder
 from . import BackendModel, Draw
 
 # vLLM's CPU KV cache in GiB when the user has not set it. Unset, each engine would reserve
@@ -158,7 +159,7 @@ class VLLMBackend:
         logging.getLogger("vllm.renderers.base").addFilter(_NO_TOKENIZER_NOISE)
         with engine_environment(on_cpu, current_platform.device_control_env_var, tensor_parallel_size):
             self._llm = LLM(
-                model=model.path,
+                model=model_folder(model.path),
                 dtype=engine_dtype(model.dtype, on_cpu),
                 trust_remote_code=model.trust_remote_code,
                 seed=sampler.seed,
