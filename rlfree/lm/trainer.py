@@ -191,9 +191,9 @@ def with_lengths(dataset: Dataset, column: str, max_length: int | None) -> Datas
 def base_model_reference(name_or_path: str) -> tuple[str | None, str]:
     """(Hub id or None, what the card shows) for the model as it was given to `from_pretrained`.
 
-    A local folder (or GGUF file) is not a Hub id: the card shows its absolute path and leaves `base_model` out of the front matter
-    (the Hub would link it to whatever model has that name), unless the folder is a snapshot in the Hugging Face
-    cache, `.../models--ORG--NAME/snapshots/<hash>`, which is the Hub model ORG/NAME.
+    A local folder (or GGUF file) is not a Hub id: the card shows its absolute path and leaves `base_model` out of the
+    front matter (the Hub would link it to whatever model has that name), unless the folder is a snapshot in the
+    Hugging Face cache, `.../models--ORG--NAME/snapshots/<hash>`, which is the Hub model ORG/NAME.
     """
     if not name_or_path:
         return None, "unknown"
