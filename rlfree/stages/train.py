@@ -61,9 +61,8 @@ def build_model(model_config: ModelConfig):
         dtype=resolve_dtype(model_config.dtype, default_device()),
         trust_remote_code=model_config.trust_remote_code,
     )
-    model.config.name_or_path = (
-        model_config.model_name_or_path
-    )  # what the model card names: a GGUF file, not its cache
+    # What the model card names as the base: the GGUF file the user gave, not the folder it was converted into.
+    model.config.name_or_path = model_config.model_name_or_path
     if model_config.use_peft:
         from peft import LoraConfig, get_peft_model
 
