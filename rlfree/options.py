@@ -104,6 +104,14 @@ class SamplerOptions(Options):
             "choices": LONG_PROMPTS,
         },
     )
+    teacher_forced_logprobs: bool = field(
+        default=False,
+        metadata={
+            "help": "Read every log-probability from a teacher-forced pass, also where the HF backend's sampling pass "
+            "already computed the model's own (temperature 1, no top-k/top-p, float32): the two agree to KV-cache "
+            "rounding, and reusing the sampling pass's skips most of the teacher-forced work."
+        },
+    )
     backend: str = field(
         default="hf",
         metadata={

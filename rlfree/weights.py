@@ -164,6 +164,14 @@ def prune(weight: torch.Tensor, group: torch.Tensor, min_weight: float) -> tuple
     return weight / group_sum(weight, group, int(group.max()) + 1)[group], kept
 
 
+def uniform_groups(weight: torch.Tensor, group: torch.Tensor, tolerance: float = 1e-9) -> torch.Tensor:
+    """Per group: whether its normalized weights are all equal (1/N each), up to `tolerance` relative to 1/N."""
+    num_groups = int(group.max()) + 1
+    count = group_sum(torch.ones_like(weight), group, num_groups)
+    off = ((weight * count[group] - 1).abs() > tolerance).to(weight.dtype)
+    return group_sum(off, group, num_groups) == 0
+
+
 def pick_log_weights(reward: torch.Tensor, correction: torch.Tensor, group: torch.Tensor, beta: float) -> torch.Tensor:
     """Unnormalized log pick weights r/beta + correction; at beta = 0 their limit: correction on each group's argmax.
 

@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
 from rlfree import toy
 from rlfree.data import StageInputError
 from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, bootstrap_means, estimate, evaluate, win_rates
+from rlfree.evaluation.inspect import format_number
 from rlfree.stages.sample import SampleConfig, sample
 
 REWARD = ["rlfree.toy:arithmetic_reward"]
@@ -154,6 +156,18 @@ def test_ab_win_rate_matches_exact(model_a_dir, reference_dir, eval_prompts, exa
         assert (tmp_path / "ab" / name).stat().st_size > 0
     assert json.loads((tmp_path / "ab" / "ab.json").read_text())["win_rate_a"] == result["win_rate_a"]
     assert "Win rate of A" in (tmp_path / "ab" / "ab.md").read_text()
+    # The first completion of each side on the first three prompts, with its reward, as the sides' datasets hold them.
+    sides = {name: load_from_disk(str(tmp_path / "ab" / name / "scored")) for name in ("a", "b")}
+    assert [example["prompt_index"] for example in result["examples"]] == [0, 1, 2]
+    for example in result["examples"]:
+        for name, dataset in sides.items():
+            (row,) = [r for r in dataset if r["prompt_index"] == example["prompt_index"] and r["sample_index"] == 0]
+            assert (example[name], example[f"reward_{name}"]) == (row["completion"], row["reward"])
+            assert example["prompt"] == row["prompt"]
+    assert (
+        f"- A (reward {format_number(result['examples'][0]['reward_a'])}): `"
+        in (tmp_path / "ab" / "ab.md").read_text()
+    )
 
 
 def soft_best_of_n_accuracy(accuracy: np.ndarray, n: int, beta: float) -> np.ndarray:

@@ -144,10 +144,19 @@ def other_model_dir(save_toy_model):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_ref_model_equal_to_the_sampled_model_changes_nothing(reference_dir, prompts_file, tmp_path, temperature):
     plain = _generate(reference_dir, prompts_file, tmp_path / "plain", temperature=temperature)
+    forced = _generate(
+        reference_dir, prompts_file, tmp_path / "forced", temperature=temperature, teacher_forced_logprobs=True
+    )
     with_ref = _generate(
         reference_dir, prompts_file, tmp_path / "ref", temperature=temperature, ref_model=str(reference_dir)
     )
-    assert with_ref.to_list() == plain.to_list()
+    assert with_ref.to_list() == forced.to_list()
+    # Without --teacher_forced_logprobs, at temperature 1 the log-probabilities come from the sampling pass: the same
+    # samples, the same values to KV-cache rounding.
+    columns = ("ref_logprob", "proposal_logprob")
+    assert plain.remove_columns(list(columns)).to_list() == forced.remove_columns(list(columns)).to_list()
+    for column in columns:
+        assert plain[column] == pytest.approx(forced[column], abs=1e-5)
 
 
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.7, 5)], ids=["plain", "tempered"])

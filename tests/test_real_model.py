@@ -94,6 +94,15 @@ def test_the_four_stages_run_on_the_gguf_file_and_write_a_model_that_reloads(
         stopped = row["finish_reason"] == "stop"
         assert (row["completion_ids"][-1] == EOS) == stopped and EOS not in row["completion_ids"][:-1]
         assert stopped or row["num_tokens"] == 12
+    # ref_logprob came from the sampling pass (fp32, temperature 1): it equals a teacher-forced float64 log-softmax
+    # over the whole sequence to 1e-4 nats per completion.
+    reference = AutoModelForCausalLM.from_pretrained(converted).eval()
+    for row in generated:
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            logits = reference(ids).logits[0, len(row["prompt_ids"]) - 1 : -1].double()
+        forced = logits.log_softmax(-1).gather(-1, torch.tensor(row["completion_ids"])[:, None]).sum().item()
+        assert row["ref_logprob"] == pytest.approx(forced, abs=1e-4)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert trained.num_parameters() == 134_515_008
     assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template == tokenizer.chat_template

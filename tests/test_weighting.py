@@ -540,6 +540,30 @@ def test_pruning_keeps_what_is_above_the_threshold():
     assert summary["pruned_mass_max"] == pytest.approx(0.05, rel=1e-12)
 
 
+def test_dropping_uniform_prompts_removes_tied_prompts_before_pruning():
+    # prompt 0 ties (uniform), prompt 1 keeps one sample above min_weight (a single weight of 1 is not a tie),
+    # prompt 2 ties at another reward; prompt 3's proposal is not pi_ref, so its tied rewards still give weights.
+    dataset = make_samples(
+        [0, 0, 1, 1, 1, 2, 2, 3, 3],
+        reward=[0.0, 0.0, 0.0, 0.0, 1000.0, 1.0, 1.0, 0.0, 0.0],
+        ref_logprob=[0.0] * 7 + [-1.0, -2.0],
+        proposal_logprob=[0.0] * 9,
+    )
+    weighted, summary = weigh(dataset, config(beta=1.0, min_weight=1e-3, drop_uniform_prompts=True))
+    assert weighted["prompt_index"] == [1, 3, 3]
+    assert weighted["weight"] == pytest.approx([1.0, *softmax([-1.0, -2.0])], rel=1e-12)
+    assert summary["dropped_uniform_prompts"] == 2
+    assert summary["pruned_samples"] == 2
+    kept_all, _ = weigh(dataset, config(beta=1.0, min_weight=1e-3))
+    assert kept_all["prompt_index"] == [0, 0, 1, 2, 2, 3, 3]
+
+
+def test_dropping_uniform_prompts_refuses_when_every_prompt_ties():
+    dataset = make_samples([0, 0, 1, 1], reward=[1.0, 1.0, 0.0, 0.0])
+    with pytest.raises(StageInputError, match="the weights of all 2 prompts are uniform"):
+        weight_dataset(dataset, config(beta=1.0, drop_uniform_prompts=True))
+
+
 def test_weights_resting_on_few_samples_warn_with_the_samples_needed(tmp_path, capsys):
     scored = tmp_path / "scored"
     make_samples([0] * 4, reward=[1000.0, 0.0, 0.0, 0.0]).save_to_disk(str(scored))

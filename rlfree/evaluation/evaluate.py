@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Value
 
 from ..data import changed_settings, process_state, read_sidecars
 from ..diffusion import is_pipeline
@@ -123,10 +123,16 @@ class ABConfig(ComparisonOptions):
     model_b: str = field(metadata={"help": "Model B: a local folder, a Hub id, or a `rlfree sample` output folder."})
     prompts: str | None = prompts_field(optional=True)
     output_dir: str = required_output_dir_field("Where a/, b/, ab.json, ab.md and ab.png are written.")
+    num_examples: int = field(
+        default=3,
+        metadata={"help": "Prompts whose first completion from A and from B are shown side by side (text models)."},
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
             raise StageInputError("--output_dir is required")
+        if self.num_examples < 0:
+            raise StageInputError(f"--num_examples must be >= 0, got {self.num_examples}")
         if (pipeline_of(self.model_a) is None) != (pipeline_of(self.model_b) is None):
             raise StageInputError(
                 f"--model_a {self.model_a} and --model_b {self.model_b}: one is a diffusion pipeline and the other a "
@@ -210,6 +216,45 @@ def by_prompt(dataset: Dataset, name: str) -> np.ndarray:
 def prompt_texts(dataset: Dataset) -> dict[int, str]:
     """Each prompt's text by prompt_index: the two sides of a comparison must have seen the same ones."""
     return dict(zip(dataset["prompt_index"], dataset["prompt"], strict=True))
+
+
+def shown_text(text: str, limit: int = 160) -> str:
+    """A completion on one line, shortened: newlines shown as ⏎."""
+    text = text.replace("\n", "⏎")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def examples(dataset_a: Dataset, dataset_b: Dataset, count: int) -> list[dict[str, Any]]:
+    """The first `count` prompts with each side's first completion and its reward (text completions only).
+
+    A chat prompt is shown by its last message (the rendered template repeats the system prompt).
+    """
+    if count == 0 or not all(isinstance(d.features.get("completion"), Value) for d in (dataset_a, dataset_b)):
+        return []
+    first = {}
+    for name, dataset in (("a", dataset_a), ("b", dataset_b)):
+        sample = "pick_index" if "pick_index" in dataset.column_names else "sample_index"
+        for row in dataset.select([i for i, value in enumerate(dataset[sample]) if value == 0]):
+            first.setdefault(row["prompt_index"], {})[name] = row
+    shown = []
+    for index in sorted(first)[:count]:
+        a, b = first[index]["a"], first[index]["b"]
+        prompt = a["messages"][-1]["content"] if a.get("messages") else a["prompt"]
+        shown.append(
+            {"prompt_index": index, "prompt": prompt, "a": a["completion"], "reward_a": a["reward"],
+             "b": b["completion"], "reward_b": b["reward"]}
+        )  # fmt: skip
+    return shown
+
+
+def format_examples(shown: list[dict[str, Any]]) -> str:
+    lines = []
+    for example in shown:
+        lines.append(f"  prompt {example['prompt_index']}: {shown_text(example['prompt'])}")
+        for side in ("a", "b"):
+            reward = format_number(example[f"reward_{side}"])
+            lines.append(f"    {side.upper()} (reward {reward}): {shown_text(example[side])}")
+    return "\n".join(lines)
 
 
 def win_rates(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
@@ -423,11 +468,18 @@ def ab_markdown(result: dict[str, Any]) -> str:
     if "num_tokens" in a and "num_tokens" in b:
         rows.append(["mean completion tokens", *(format_number(side["num_tokens"]["mean"]) for side in (a, b))])
     table = "\n".join("| " + " | ".join(row) + " |" for row in [["", "A", "B"], ["---"] * 3, *rows])
+    shown = result.get("examples") or []
+    samples = "".join(
+        f"\n**{example['prompt']}**\n\n- A (reward {format_number(example['reward_a'])}): `{example['a']}`\n"
+        f"- B (reward {format_number(example['reward_b'])}): `{example['b']}`\n"
+        for example in shown
+    )
     return (
         f"# A/B: {a['model']} vs {b['model']}\n\n"
         f"Win rate of A: **{format_estimate(result, 'win_rate_a')}** over {result['num_prompts']} prompts, "
         f"{a['num_samples']}×{b['num_samples']} pairs per prompt (ties count 1/2; "
         f"{result['confidence']:.0%} {result['interval']}).\n\n{table}\n"
+        + (f"\n## First completions\n{samples}" if shown else "")
     )
 
 
@@ -461,12 +513,15 @@ def ab(config: ABConfig) -> dict[str, Any]:
     }
     if config.ref_model is not None:
         result |= {"kl_a": kl_fields(a), "kl_b": kl_fields(b)}
-    result |= {"a": a, "b": b}
+    result |= {"a": a, "b": b, "examples": examples(sides["a"][0], sides["b"][0], config.num_examples)}
     output = Path(config.output_dir)
     if process_state().is_main_process:
         (output / "ab.json").write_text(json.dumps(result, indent=2) + "\n")
         (output / "ab.md").write_text(ab_markdown(result))
         save_plot(output / "ab.png", lambda axes: draw_rewards(axes, rewards["a"].ravel(), rewards["b"].ravel()))
+        if result["examples"]:
+            print(f"first completion of A and of B on {len(result['examples'])} prompts:")
+            print(format_examples(result["examples"]))
         print(f"win rate of A {format_estimate(result, 'win_rate_a')}")
         print(format_table(["", "A", "B"], side_by_side(a, b)))
         print(f"report: {output / 'ab.md'}")

@@ -212,7 +212,10 @@ def teacher_forced(
     `with_model_logprob` adds `model_logprob`, log pi_theta(o|q) of `model` itself at temperature 1 (guided sampling,
     where the proposal is neither model).
 
-    `model` is the model sampled from; `ref_model` is pi_ref when that is another model. When the backend reported the
+    `model` is the model sampled from; `ref_model` is pi_ref when that is another model. Where the sampling pass gave
+    pi_ref's own log-probabilities (`Draw.model_token_logprobs`, no `ref_model`), they are both columns and nothing is
+    teacher-forced; with a `ref_model` both sides are teacher-forced, so the correction log pi_ref - log q compares
+    two values of one computation. When the backend reported the
     engine's own log-probabilities they are the proposal's, and where the engine sampled pi_ref's own softmax (no
     `ref_model`, temperature 1, no top-k/top-p) each row also records its per-token gap to the teacher-forced
     log-probabilities (`engine_gap_sum`, `engine_gap_max`), which the stage summarizes and drops.
@@ -233,7 +236,10 @@ def teacher_forced(
         if with_model_logprob:
             (model_sums,) = model_completion_logprobs(model, *inputs)
             extra = {"model_logprob": model_sums.tolist()}
-        if batch[0].proposal_token_logprobs is not None:
+        if ref_model is None and batch[0].model_token_logprobs is not None:
+            # The sampling pass was pi_ref's own float32 softmax: it already gave log pi_ref, the proposal's too.
+            ref_logprob = proposal_logprob = [sum(draw.model_token_logprobs) for draw in batch]
+        elif batch[0].proposal_token_logprobs is not None:
             with as_reference(scorer) as reference:
                 (ref_tokens,) = model_completion_logprobs(reference, *inputs, per_token=True)
             ref_logprob = [chunk.sum().item() for chunk in ref_tokens.cpu().split(lengths)]

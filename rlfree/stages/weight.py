@@ -35,6 +35,7 @@ from ..weights import (
     samples_needed,
     solve_coefficient,
     truncate,
+    uniform_groups,
 )
 
 WEIGHTINGS = ("rlhf", "rlif", "rlhf+rlif")
@@ -98,6 +99,15 @@ class WeightConfig:
         metadata={
             "help": "Drop samples whose normalized weight (weights sum to 1 per prompt) is below this, so training "
             "spends no compute on them; each prompt keeps its largest weight."
+        },
+    )
+    drop_uniform_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the prompts whose weights are uniform (sampling from pi_ref, every sample got the same "
+            "reward): their target is the proposal itself, so their samples only hold the model where it is. "
+            "Dropping them saves that training compute (as DAPO's dynamic sampling drops such groups), at the price "
+            "of that anchor."
         },
     )
 
@@ -318,6 +328,8 @@ def format_summary(summary: dict) -> str:
                 f"{summary['pruned_samples']} ({summary['pruned_mass_mean']:.2e} / {summary['pruned_mass_max']:.2e})",
             )
         )
+    if "dropped_uniform_prompts" in summary:
+        rows.append(("prompts dropped (uniform weights)", str(summary["dropped_uniform_prompts"])))
     return format_rows(rows)
 
 
@@ -392,15 +404,26 @@ def weight_dataset(dataset: Dataset, config: WeightConfig) -> tuple[Dataset, dic
             }
     log_weight = normalize_per_group(offset + coefficient * statistic, group)
     weight = log_weight.exp()
+    kept = torch.ones_like(weight, dtype=torch.bool)
+    if config.drop_uniform_prompts:
+        uniform = uniform_groups(weight, group)
+        if uniform[group].all():
+            raise StageInputError(
+                f"--drop_uniform_prompts: the weights of all {len(group.unique())} prompts are uniform (each "
+                "prompt's samples tied), so nothing is left to train on; drop the flag, or sample more completions "
+                "per prompt (--num_samples) so that some differ"
+            )
+        kept = ~uniform[group]
+        summary["dropped_uniform_prompts"] = int(uniform[group.unique()].sum())
     if config.max_weight_ratio is not None:
         truncated = truncate(weight, group, config.max_weight_ratio)
         summary |= _mass_summary("truncated", (weight - truncated).clamp(min=0), group)
         weight = truncated
-    kept = torch.ones_like(weight, dtype=torch.bool)
     if config.min_weight > 0:
-        pruned, kept = prune(weight, group, config.min_weight)
-        summary |= _mass_summary("pruned", torch.where(kept, 0.0, weight), group)
-        summary["pruned_samples"] = int((~kept).sum())
+        pruned, above_minimum = prune(weight, group, config.min_weight)
+        kept &= above_minimum
+        summary |= _mass_summary("pruned", torch.where(above_minimum, 0.0, weight), group)
+        summary["pruned_samples"] = int((~above_minimum).sum())
         weight = pruned
     if config.max_weight_ratio is not None or config.min_weight > 0:
         log_weight = weight.log()

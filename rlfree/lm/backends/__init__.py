@@ -1,10 +1,12 @@
 """Sampling backends: one seam for "draw completions for (prompt, sample index, seed)".
 
-A backend only draws. It never decides log pi_ref: `ref_logprob` always comes from the same teacher-forced
-computation the trainer maximizes (`rlfree.lm.generation`). A backend that knows the log-probability of the
-distribution it actually sampled from (its temperature/top-k/top-p, its kernels, its dtype) reports it per token, and
-the weights then correct exactly for every difference between engine and trainer; a backend that does not (None) gets
-it teacher-forced. Samples depend only on (seed, prompt index, sample index), never on batching.
+A backend only draws. A backend that knows the log-probability of the distribution it actually sampled from (its
+temperature/top-k/top-p, its kernels, its dtype) reports it per token, and the weights then correct exactly for every
+difference between engine and trainer; a backend that does not (None) gets it teacher-forced. Log pi_ref comes from the
+teacher-forced computation the trainer maximizes (`rlfree.lm.generation`), unless the backend sampled with that very
+computation: the HF backend's sampling pass over the stage's own float32 model at temperature 1 gives the model's
+log-softmax up to KV-cache rounding (`model_token_logprobs`). Samples depend only on (seed, prompt index, sample index),
+never on batching.
 
 A new backend is one module here plus one entry in `BACKENDS`.
 """
@@ -43,6 +45,9 @@ class Draw:
     completion_ids: list[int]  # ends with the EOS id when finish_reason == "stop"
     finish_reason: str  # "stop" (an EOS was sampled) or "length" (cut at max_new_tokens)
     proposal_token_logprobs: list[float] | None = None  # the engine's own log p of each token; None: teacher-forced
+    # The sampled model's own log-softmax at each token, from the sampling pass (the HF backend, temperature 1, no
+    # top-k/top-p, float32): the teacher-forced value up to KV-cache rounding. None where it was not computed.
+    model_token_logprobs: list[float] | None = None
 
 
 class SamplingBackend(Protocol):

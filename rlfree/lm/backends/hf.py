@@ -2,10 +2,12 @@
 
 `generate` is run greedily with no processors of its own; the warpers of `sampler_processors` (temperature, top-k,
 top-p, in `generate`'s order) shape the distribution and `InverseCDFSampling` draws from it with counter-based noise
-(`seeds.uniforms`), so a sample depends on (seed, prompt, sample index) only. The proposal log-probability is left to
-the teacher-forced pass, which applies the same warpers (`proposal_token_logprobs` is None), except for subclasses that
-mix in other models' logits (`guides`): no teacher-forced pass of one model gives their distribution, so they report
-the log-probability each token was drawn with.
+(`seeds.uniforms`), so a sample depends on (seed, prompt, sample index) only. Sampling the float32 model's own softmax
+(no warpers), the sampler keeps the log-probability of each draw (`model_token_logprobs`), which the stage reads instead
+of a teacher-forced pass; otherwise the proposal log-probability is left to the teacher-forced pass, which applies the
+same warpers (`proposal_token_logprobs` is None), except for subclasses that mix in other models' logits (`guides`): no
+teacher-forced pass of one model gives their distribution, so they report the log-probability each token was drawn
+with.
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ class HFBackend:
         pad = self.model.generation_config.pad_token_id
         self.pad_token_id = eos_token_ids[0] if pad is None else pad
         self.warpers = sampler_processors(sampler.temperature, sampler.top_k, sampler.top_p)
+        # Where the sampler draws from the model's own float32 softmax, its log-probabilities are the model's.
+        self.records_model_logprobs = (
+            not self.reports_logprobs
+            and not self.warpers
+            and not sampler.teacher_forced_logprobs
+            and self.model.dtype == torch.float32
+        )
 
     def guides(self, attention_mask: torch.Tensor) -> list[LogitsProcessor]:
         """Processors applied to the model's logits before the warpers, for one batch (none: the model's own)."""
@@ -143,7 +152,7 @@ class HFBackend:
                     input_ids[row, width - len(ids) :] = torch.tensor(ids)
                     attention_mask[row, width - len(ids) :] = 1
                 seeds = [sample_seed(seed, p, s) for p, s in batch]
-                sampler = InverseCDFSampling(seeds, width, self.reports_logprobs)
+                sampler = InverseCDFSampling(seeds, width, self.reports_logprobs or self.records_model_logprobs)
                 attention_mask = attention_mask.to(self.model.device)
                 output = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
@@ -151,11 +160,17 @@ class HFBackend:
                     generation_config=generation_config,
                     logits_processor=LogitsProcessorList([*self.guides(attention_mask), *self.warpers, sampler]),
                 )
-                chosen_logprobs = torch.stack(sampler.chosen_logprobs, dim=1) if self.reports_logprobs else None
+                chosen_logprobs = torch.stack(sampler.chosen_logprobs, dim=1) if sampler.record_logprobs else None
                 for row, ((prompt_index, sample_index), ids) in enumerate(zip(batch, output, strict=True)):
                     completion, reason = split_completion(ids[width:].tolist(), set(self.eos))
-                    logprobs = None if chosen_logprobs is None else chosen_logprobs[row, : len(completion)].tolist()
-                    draws.append(Draw(prompt_index, sample_index, completion, reason, logprobs))
+                    draw = Draw(prompt_index, sample_index, completion, reason)
+                    if chosen_logprobs is not None:
+                        logprobs = chosen_logprobs[row, : len(completion)].tolist()
+                        if self.reports_logprobs:
+                            draw.proposal_token_logprobs = logprobs
+                        else:
+                            draw.model_token_logprobs = logprobs
+                    draws.append(draw)
                 progress.update(len(batch))
         return draws
 
