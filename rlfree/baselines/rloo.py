@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
 from ..data import load_prompts
@@ -57,8 +58,12 @@ class BaselineConfig:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC")
 
 
-def train_baseline(config: BaselineConfig, args: BaselineRLOOConfig) -> RLOOTrainer:
-    """Train RLOO from `config.model_name_or_path` with KL coefficient `args.beta`; saves to `args.output_dir`."""
+def train_baseline(
+    config: BaselineConfig, args: BaselineRLOOConfig, callbacks: list[TrainerCallback] | None = None
+) -> RLOOTrainer:
+    """Train RLOO from `config.model_name_or_path` with KL coefficient `args.beta`; saves to `args.output_dir`.
+
+    `callbacks` go to the trainer (from Python: a wall-clock budget, say)."""
     if not args.beta > 0:
         raise StageInputError(f"--beta must be > 0 for a KL-regularized baseline, got {args.beta}")
     if config.max_new_tokens is not None:
@@ -73,6 +78,7 @@ def train_baseline(config: BaselineConfig, args: BaselineRLOOConfig) -> RLOOTrai
         args=args,
         train_dataset=prompts,
         processing_class=load_tokenizer(config.model_name_or_path, args.trust_remote_code),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
