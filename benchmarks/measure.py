@@ -7,6 +7,7 @@ import multiprocessing
 import resource
 import time
 from collections.abc import Callable
+from queue import Empty
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -65,7 +66,15 @@ def run_in_children(target: Callable, variants: list[str], args, report: Callabl
         queue = context.Queue()
         child = context.Process(target=target, args=(variant, args, queue))
         child.start()
-        results[variant] = queue.get()
+        while True:  # a child that dies never answers: notice it instead of waiting forever
+            try:
+                results[variant] = queue.get(timeout=5)
+                break
+            except Empty:
+                if not child.is_alive():
+                    raise RuntimeError(
+                        f"{variant} failed (exit code {child.exitcode}); its traceback is above"
+                    ) from None
         child.join()
         report(variant, results[variant])
     return results

@@ -220,19 +220,18 @@ def grpo(spec: dict) -> dict:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlfree.data import load_prompts
+    from rlfree.baselines.rloo import trl_prompts
     from rlfree.lm.modeling import load_tokenizer
     from rlfree.rewards.scoring import load_reward_function
     from rlfree.sources import model_folder
 
-    prompts = load_prompts(spec["train"]).remove_columns(["prompt"]).rename_column("messages", "prompt")
     output = f"{spec['work']}/grpo"
     on_cpu = torch.accelerator.current_accelerator() is None
     trainer = GRPOTrainer(
         model=model_folder(spec["model"]),
         reward_funcs=[load_reward_function(spec["reward"])],
         args=GRPOConfig(output_dir=output, use_cpu=on_cpu, bf16=not on_cpu, **rl_settings(spec)),
-        train_dataset=prompts,
+        train_dataset=trl_prompts(spec["train"]),
         processing_class=load_tokenizer(spec["model"]),
         callbacks=[StopAfter(spec["budget_s"])],
     )
@@ -320,14 +319,27 @@ def format_figure(report: dict, name: str) -> str:
     return f"{report[name]:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def run_methods(methods: list[str], spec: dict) -> dict[str, dict]:
+    """Each method in a child process; a method that finished in an earlier run over the same --work_dir is not run
+    again (its figures are kept in figures/ beside its outputs), so a run that failed half-way resumes."""
+    saved = Path(spec["work"]) / "figures"
+    saved.mkdir(parents=True, exist_ok=True)
+    done = {m: json.loads((saved / f"{m}.json").read_text()) for m in methods if (saved / f"{m}.json").is_file()}
+    for method, figures in done.items():
+        print(f"{method}: finished in an earlier run {figures}")
+
+    def keep(method: str, figures: dict) -> None:
+        (saved / f"{method}.json").write_text(json.dumps(figures) + "\n")
+        print(method, figures)
+
+    return done | measure.run_in_children(_child, [m for m in methods if m not in done], spec, keep)
+
+
 def run_task(task: str, spec: dict, args) -> list[dict]:
     print(f"\n=== {task}: beta {spec['beta']}, reward {spec['reward']}")
-    measured = measure.run_in_children(
-        _child, ["reference samples", "rlfree (1 round)"], spec, lambda m, r: print(m, r)
-    )
+    measured = run_methods(["reference samples", "rlfree (1 round)"], spec)
     spec["budget_s"] = args.budget_ratio * measured["rlfree (1 round)"]["seconds"]
-    later = ["rlfree (2 rounds)", "TRL RLOO", "TRL GRPO"]
-    measured |= measure.run_in_children(_child, later, spec, lambda m, r: print(m, r))
+    measured |= run_methods(["rlfree (2 rounds)", "TRL RLOO", "TRL GRPO"], spec)
     # Round 2 resumed round 1's finished folders: its cost is both rounds'.
     first, both = measured["rlfree (1 round)"], measured["rlfree (2 rounds)"]
     both["seconds"] += first["seconds"]
@@ -387,8 +399,13 @@ def main() -> None:
     parser.add_argument("--num_reference_samples", type=int, default=16, help="pi_ref samples per prompt for pi*.")
     parser.add_argument("--budget_ratio", type=float, default=3.0, help="RLOO's and GRPO's wall-clock / rlfree's.")
     parser.add_argument("--output", default=None, help="Optional JSON file for the figures.")
+    parser.add_argument(
+        "--work_dir", default=None, help="Where datasets, models and figures go (default: a new temporary folder); "
+        "a rerun over the same folder keeps the methods that finished."
+    )  # fmt: skip
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rlfree-real-task-"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="rlfree-real-task-"))
+    work.mkdir(parents=True, exist_ok=True)
     tasks = write_tasks(work)
     results = {}
     for task in args.tasks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def test_without_trl_the_error_names_the_extra(monkeypatch):
         ["--config", str(RECIPES / "toy_rloo.yaml"), "--input_dir", "x", "--output_dir", "y"],
     )
     assert config.beta == 0.5
+
+
+def test_chat_prompts_reach_trl_in_its_conversational_format(tmp_path):
+    from rlfree.baselines.rloo import trl_prompts
+
+    chat = [{"role": "user", "content": "What is 7 + 5?"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat, "answer": "12"}) + "\n")
+    dataset = trl_prompts(str(tmp_path / "chat.jsonl"))
+    assert dataset.column_names == ["prompt", "answer"] and dataset[0]["prompt"] == chat
+    (tmp_path / "text.jsonl").write_text(json.dumps({"prompt": "7 + 5 =", "answer": "12"}) + "\n")
+    assert trl_prompts(str(tmp_path / "text.jsonl"))[0] == {"prompt": "7 + 5 =", "answer": "12"}

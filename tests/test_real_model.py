@@ -109,3 +109,23 @@ def test_the_four_stages_run_on_the_gguf_file_and_write_a_model_that_reloads(
     assert json.loads((tmp_path / "model" / "training.json").read_text())["model_name_or_path"] == model
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"| base model | {gguf_file.resolve()} |" in card and "base_model:" not in card
+
+
+@pytest.mark.slow
+def test_a_prompt_too_long_for_the_context_is_named_or_skipped(gguf_file, converted, tmp_path, monkeypatch, capsys):
+    """SmolLM2 attends over 8,192 positions: a longer chat prompt stops generate with one line naming it, before
+    anything is written; `--long_prompts skip` samples the others."""
+    monkeypatch.setenv("RLFREE_CACHE", str(converted.parent.parent))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ["What is 7 + 5?", "count: " + " ".join(str(i) for i in range(6000))]  # about 12,000 tokens
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in rows))
+    argv = ["generate", "--model_name_or_path", str(gguf_file), "--prompts", str(prompts), "--num_samples", "1",
+            "--max_new_tokens", "2", "--output_dir", str(tmp_path / "generated")]  # fmt: skip
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2
+    message = capsys.readouterr().err
+    assert "prompt 1 has" in message and "attends over 8192 positions" in message and "--long_prompts" in message
+    assert not (tmp_path / "generated").exists()
+    main([*argv, "--long_prompts", "skip"])
+    assert load_from_disk(str(tmp_path / "generated"))["prompt_index"] == [0]

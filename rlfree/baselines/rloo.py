@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from datasets import Dataset
 from transformers import TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
@@ -58,6 +59,16 @@ class BaselineConfig:
             raise StageInputError("give at least one --reward path/to/file.py:FUNC")
 
 
+def trl_prompts(prompts: str, split: str = "train") -> Dataset:
+    """A prompt set as TRL's trainers read it: a chat (rlfree's `messages`) goes under `prompt`, TRL's
+    conversational format."""
+    dataset = load_prompts(prompts, split)
+    if "messages" in dataset.column_names:
+        dataset = dataset.remove_columns([c for c in ("prompt",) if c in dataset.column_names])
+        dataset = dataset.rename_column("messages", "prompt")
+    return dataset
+
+
 def train_baseline(
     config: BaselineConfig, args: BaselineRLOOConfig, callbacks: list[TrainerCallback] | None = None
 ) -> RLOOTrainer:
@@ -68,15 +79,11 @@ def train_baseline(
         raise StageInputError(f"--beta must be > 0 for a KL-regularized baseline, got {args.beta}")
     if config.max_new_tokens is not None:
         args.max_completion_length = config.max_new_tokens
-    prompts = load_prompts(config.prompts, config.prompts_split)
-    if "messages" in prompts.column_names:  # TRL's conversational format keeps the chat under `prompt`
-        prompts = prompts.remove_columns([c for c in ("prompt",) if c in prompts.column_names])
-        prompts = prompts.rename_column("messages", "prompt")
     trainer = RLOOTrainer(
         model=model_folder(config.model_name_or_path),
         reward_funcs=[load_reward_function(spec) for spec in config.reward],
         args=args,
-        train_dataset=prompts,
+        train_dataset=trl_prompts(config.prompts, config.prompts_split),
         processing_class=load_tokenizer(config.model_name_or_path, args.trust_remote_code),
         callbacks=callbacks,
     )

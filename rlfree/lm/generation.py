@@ -215,10 +215,10 @@ def teacher_forced(
     `model` is the model sampled from; `ref_model` is pi_ref when that is another model. Where the sampling pass gave
     pi_ref's own log-probabilities (`Draw.model_token_logprobs`, no `ref_model`), they are both columns and nothing is
     teacher-forced; with a `ref_model` both sides are teacher-forced, so the correction log pi_ref - log q compares
-    two values of one computation. When the backend reported the
-    engine's own log-probabilities they are the proposal's, and where the engine sampled pi_ref's own softmax (no
-    `ref_model`, temperature 1, no top-k/top-p) each row also records its per-token gap to the teacher-forced
-    log-probabilities (`engine_gap_sum`, `engine_gap_max`), which the stage summarizes and drops.
+    two values of one computation. When the backend reported the engine's own log-probabilities they are the
+    proposal's, and where the engine sampled pi_ref's own softmax (no `ref_model`, temperature 1, no top-k/top-p) each
+    row also records its per-token gap to the teacher-forced log-probabilities (`engine_gap_sum`, `engine_gap_max`),
+    which the stage summarizes and drops.
     """
     warpers = sampler_processors(sampler.temperature, sampler.top_k, sampler.top_p)
     scorer = ref_model if ref_model is not None else model

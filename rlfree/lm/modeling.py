@@ -248,12 +248,13 @@ def model_completion_logprobs(
 ) -> tuple[torch.Tensor, ...]:
     """`completion_logprobs` for each entry of `processor_sets`, from one forward pass of `model`, in bounded memory.
 
-    Returns one [B] tensor (`score_dtype()`) per entry of `processor_sets` (None or [] = the model's own softmax; a list of
-    logits warpers = that sampler's distribution), the same numbers as `completion_logprobs(model(...).logits, ...)`
-    to float noise. With `chunk_size` set, the model's forward keeps the logits of one position only; the final hidden
-    states of the *completion* positions are projected through the output embeddings `chunk_size` positions at a
-    time, each chunk upcast (`score_dtype()`) for the log-softmax and dropped; under autograd each chunk is checkpointed, so
-    backward recomputes its logits instead of holding them. Prompt and padding positions never reach the lm_head.
+    Returns one [B] tensor (in `score_dtype()`) per entry of `processor_sets` (None or [] = the model's own softmax;
+    a list of logits warpers = that sampler's distribution), the same numbers as
+    `completion_logprobs(model(...).logits, ...)` to float noise. With `chunk_size` set, the model's forward keeps the
+    logits of one position only; the final hidden states of the *completion* positions are projected through the
+    output embeddings `chunk_size` positions at a time, each chunk upcast to `score_dtype()` for the log-softmax and
+    dropped; under autograd each chunk is checkpointed, so backward recomputes its logits instead of holding them.
+    Prompt and padding positions never reach the lm_head.
     `chunk_size` None or 0, a model whose forward takes no `logits_to_keep`, or one whose logits our projection does not
     reproduce (a post-lm_head transform other than Gemma's `final_logit_softcapping`) use the full-logits path.
 

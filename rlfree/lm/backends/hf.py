@@ -3,11 +3,11 @@
 `generate` is run greedily with no processors of its own; the warpers of `sampler_processors` (temperature, top-k,
 top-p, in `generate`'s order) shape the distribution and `InverseCDFSampling` draws from it with counter-based noise
 (`seeds.uniforms`), so a sample depends on (seed, prompt, sample index) only. Sampling the float32 model's own softmax
-(no warpers), the sampler keeps the log-probability of each draw (`model_token_logprobs`), which the stage reads instead
-of a teacher-forced pass; otherwise the proposal log-probability is left to the teacher-forced pass, which applies the
-same warpers (`proposal_token_logprobs` is None), except for subclasses that mix in other models' logits (`guides`): no
-teacher-forced pass of one model gives their distribution, so they report the log-probability each token was drawn
-with.
+(no warpers), the sampler keeps the log-probability of each draw (`model_token_logprobs`), which the stage takes as
+log pi_ref, with no teacher-forced pass, when that model is pi_ref. Otherwise the proposal log-probability is left to
+the teacher-forced pass, which applies the same warpers (`proposal_token_logprobs` is None), except for subclasses
+that mix in other models' logits (`guides`): no teacher-forced pass of one model gives their distribution, so they
+report the log-probability each token was drawn with.
 """
 
 from __future__ import annotations
