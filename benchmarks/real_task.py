@@ -23,7 +23,7 @@ Trained models are evaluated with `rlfree evaluate` (4 samples per prompt, mean 
 with 95% bootstrap intervals over prompts) on the training and the held-out prompts. Each method runs in its own
 child process: its wall seconds and peak resident memory are its own (loading torch and the model included).
 
-    python benchmarks/real_task.py                       # both tasks; about 40 minutes on 2 CPU cores
+    python benchmarks/real_task.py                       # both tasks; about 50 minutes on 2 CPU cores
     python benchmarks/real_task.py --tasks addition      # one
 """
 
