@@ -33,12 +33,13 @@ from rlfree.diffusion import toy
 from rlfree.diffusion.classifier import class_log_ratio
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
 from rlfree.diffusion.trainer import DiffusionTrainer
-from rlfree.lm.trainer import RLFreeConfig
+from rlfree.samplers.picking import pick_dataset
 from rlfree.stages.generate import GenerateConfig, generate
-from rlfree.stages.sample import SampleConfig, pick_dataset, sample
+from rlfree.stages.sample import SampleConfig, sample
 from rlfree.stages.score import ScoreConfig, score
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
 from rlfree.stages.weight import WeightConfig, weight
+from rlfree.training import ModelConfig, RLFreeConfig
 
 STEPS = 100  # all of the scheduler's steps: the DDPM sampler is then exact for an exact denoiser
 

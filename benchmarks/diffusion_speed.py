@@ -23,7 +23,7 @@ from rlfree.diffusion import toy
 from rlfree.diffusion.lora import add_lora
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images, unet_condition
 from rlfree.diffusion.trainer import DiffusionTrainer
-from rlfree.lm.trainer import RLFreeConfig
+from rlfree.training import RLFreeConfig
 
 
 def build(model: str, folder: Path) -> None:

@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from rlfree.data import load_prompts
 from rlfree.lm.backends import BackendModel, load_backend
 from rlfree.lm.generation import teacher_forced
-from rlfree.lm.modeling import eos_token_ids, load_causal_lm, load_tokenizer
+from rlfree.lm.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from rlfree.options import SamplerOptions
 from rlfree.sources import model_folder, packaged_model
 

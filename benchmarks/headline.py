@@ -33,11 +33,11 @@ REWARD = "rlfree.toy:arithmetic_reward"
 
 
 def run_rlfree(task: Path, work: Path, beta: float, seed: int) -> dict:
-    from rlfree.lm.trainer import RLFreeConfig
     from rlfree.stages.generate import GenerateConfig, generate
     from rlfree.stages.score import ScoreConfig, score
-    from rlfree.stages.train import ModelConfig, train
+    from rlfree.stages.train import train
     from rlfree.stages.weight import WeightConfig, weight
+    from rlfree.training import ModelConfig, RLFreeConfig
 
     num_samples = 256
     generate(
@@ -75,9 +75,9 @@ def run_rlfree(task: Path, work: Path, beta: float, seed: int) -> dict:
 
 
 def run_soft_best_of_n(task: Path, work: Path, beta: float, seed: int, num_candidates: int = 16) -> dict:
-    from rlfree.stages.sample import SampleConfig, soft_best_of_n
+    from rlfree.stages.sample import SampleConfig, sample
 
-    soft_best_of_n(
+    sample(
         SampleConfig(
             model_name_or_path=str(task / "reference"),
             prompts=str(task / "prompts.jsonl"),
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="Optional JSON file for the figures.")
     args = parser.parse_args()
 
-    from rlfree.lm.modeling import load_causal_lm
+    from rlfree.lm.loading import load_causal_lm
 
     task = Path(tempfile.mkdtemp(prefix="rlfree-headline-"))
     model, tokenizer, prompt_rows = toy.write_task(task, NUM_PROMPTS, seed=0)

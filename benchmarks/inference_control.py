@@ -25,9 +25,9 @@ import torch
 from datasets import load_from_disk
 
 from rlfree import toy
-from rlfree.lm.modeling import load_causal_lm, load_tokenizer
+from rlfree.demos import DemoConfig, run_demo
+from rlfree.lm.loading import load_causal_lm, load_tokenizer
 from rlfree.stages.sample import SampleConfig, sample
-from rlfree.toy.demo import DemoConfig, run_demo
 
 REWARD = "rlfree.toy:arithmetic_reward"
 

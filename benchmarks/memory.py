@@ -22,7 +22,7 @@ import argparse
 import measure
 import torch
 
-from rlfree.lm.modeling import completion_logprobs, model_completion_logprobs
+from rlfree.lm.logprobs import completion_logprobs, model_completion_logprobs
 
 
 def _run(variant: str, args: argparse.Namespace, queue) -> None:

@@ -37,7 +37,8 @@ import torch
 from datasets import Dataset
 
 from rlfree import toy
-from rlfree.lm.trainer import RLFreeConfig, RLFreeTrainer
+from rlfree.lm.trainer import RLFreeTrainer
+from rlfree.training import RLFreeConfig
 
 VARIANTS = {
     "padded": {"train_sampling_strategy": "random"},

@@ -214,7 +214,7 @@ def grpo(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlfree.baselines.rloo import trl_prompts
-    from rlfree.lm.modeling import load_tokenizer
+    from rlfree.lm.loading import load_tokenizer
     from rlfree.rewards.scoring import load_reward_function
     from rlfree.sources import model_folder
 

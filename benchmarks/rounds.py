@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlfree import toy
-from rlfree.lm.modeling import load_causal_lm
+from rlfree.lm.loading import load_causal_lm
 from rlfree.stages.run import RunConfig, run_recipe
 
 NUM_PROMPTS = 16

@@ -65,9 +65,9 @@ def common(args, output: str) -> dict:
 
 
 def rlfree_trainer(variant: str, args, rows, output: str, callback: StepTimes):
-    from rlfree.lm.modeling import load_tokenizer
-    from rlfree.lm.trainer import RLFreeConfig, RLFreeTrainer
-    from rlfree.stages.train import ModelConfig, build_model
+    from rlfree.lm.loading import load_tokenizer
+    from rlfree.lm.trainer import RLFreeTrainer, build_model
+    from rlfree.training import ModelConfig, RLFreeConfig
 
     model_config = ModelConfig(model_name_or_path=args.model, use_peft=variant == "rlfree-lora")
     dataset = Dataset.from_dict(
@@ -89,7 +89,7 @@ def sft_trainer(variant: str, args, rows, output: str, callback: StepTimes):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from rlfree.lm.modeling import load_tokenizer
+    from rlfree.lm.loading import load_tokenizer
 
     dataset = Dataset.from_dict(
         {

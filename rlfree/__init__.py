@@ -12,29 +12,30 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .evaluation.inspect import InspectConfig
-    from .evaluation.inspect import inspect as inspect_stage
-    from .lm.trainer import RLFreeConfig, RLFreeTrainer
+    from .evaluation.inspection import InspectConfig
+    from .evaluation.inspection import inspect as inspect_stage
+    from .lm.trainer import RLFreeTrainer
     from .stages.generate import GenerateConfig, generate
     from .stages.run import RunConfig, run_recipe
     from .stages.score import ScoreConfig, score
-    from .stages.train import ModelConfig, train
+    from .stages.train import train
     from .stages.weight import WeightConfig, weight
+    from .training import ModelConfig, RLFreeConfig
 
 __version__ = "0.1.0"
 
 # public name -> (submodule, its name there)
 _EXPORTS = {
     "GenerateConfig": ("stages.generate", "GenerateConfig"),
-    "InspectConfig": ("evaluation.inspect", "InspectConfig"),
+    "InspectConfig": ("evaluation.inspection", "InspectConfig"),
     "RunConfig": ("stages.run", "RunConfig"),
-    "ModelConfig": ("stages.train", "ModelConfig"),
-    "RLFreeConfig": ("lm.trainer", "RLFreeConfig"),
+    "ModelConfig": ("training", "ModelConfig"),
+    "RLFreeConfig": ("training", "RLFreeConfig"),
     "RLFreeTrainer": ("lm.trainer", "RLFreeTrainer"),
     "ScoreConfig": ("stages.score", "ScoreConfig"),
     "WeightConfig": ("stages.weight", "WeightConfig"),
     "generate": ("stages.generate", "generate"),
-    "inspect_stage": ("evaluation.inspect", "inspect"),
+    "inspect_stage": ("evaluation.inspection", "inspect"),
     "run_recipe": ("stages.run", "run_recipe"),
     "score": ("stages.score", "score"),
     "train": ("stages.train", "train"),

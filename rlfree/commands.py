@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "train": Command(
         "weighted maximum likelihood (a transformers Trainer); also under `accelerate launch -m rlfree`",
-        ("rlfree.stages.train:ModelConfig", "rlfree.lm.trainer:RLFreeConfig"),
+        ("rlfree.training:ModelConfig", "rlfree.training:RLFreeConfig"),
         "rlfree.stages.train:train_command",
     ),
     "run": Command(
@@ -53,8 +53,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "inspect": Command(
         "summary and plots of any stage's output folder: rewards, weights, ESS, KL against beta",
-        ("rlfree.evaluation.inspect:InspectConfig",),
-        "rlfree.evaluation.inspect:inspect",
+        ("rlfree.evaluation.inspection:InspectConfig",),
+        "rlfree.evaluation.inspection:inspect",
         positional="--input_dir",
     ),
     "sample": Command(
@@ -80,8 +80,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "demo": Command(
         "the whole pipeline offline on a tiny arithmetic task, with exact KL figures",
-        ("rlfree.toy.demo:DemoConfig",),
-        "rlfree.toy.demo:run_demo",
+        ("rlfree.demos:DemoConfig",),
+        "rlfree.demos:run_demo",
     ),
 }
 

@@ -4,19 +4,24 @@
 inherits: `class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions)`. Each group validates its own fields in
 `__post_init__`; a config that overrides `__post_init__` calls `super().__post_init__()`. The groups are keyword-only,
 so a command's own fields (a plain dataclass) stay positional, in their order, ahead of them:
-`GenerateConfig("model", "prompts.jsonl", "out")` still works. What a command's positional fields mean differs per
+`GenerateConfig("model", "prompts.jsonl", "out")` still works.
+
+Nothing here knows a model family: a check that depends on the family is the family's (`rlfree.family`). What a command's positional fields mean differs per
 command (the model sampled, evaluated or trained), so each declares them, with the shared help from `*_field()`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import DTYPES, StageInputError, check_choice, check_finite
 
 LONG_PROMPTS = ("error", "skip", "truncate")
-BACKEND_NAMES = ("hf", "vllm")
+# The sampling engines of causal LMs (`rlfree.lm.backends`), named here so that the flag's choices and the loader read
+# one table; "module:Class", imported on use.
+BACKENDS = {"hf": "rlfree.lm.backends.hf:HFBackend", "vllm": "rlfree.lm.backends.vllm:VLLMBackend"}
 
 
 @dataclass(kw_only=True)
@@ -53,18 +58,13 @@ def prompts_field(optional: bool = False) -> Any:
 
 
 def required_output_dir_field(help: str) -> Any:
-    """--output_dir after an optional --prompts: a dataclass field with a default, required by `check_prompts`."""
+    """--output_dir after an optional --prompts: a dataclass field with a default, required by `require_output_dir`."""
     return field(default=None, metadata={"help": f"{help} Required."})
 
 
-def check_prompts(config: Any) -> None:
-    """--output_dir is required, and --prompts too except for an unconditional diffusion pipeline (which takes none)."""
-    from .diffusion import is_pipeline
-
+def require_output_dir(config: Any) -> None:
     if config.output_dir is None:
         raise StageInputError("--output_dir is required")
-    if config.prompts is None and not is_pipeline(config.model_name_or_path):
-        raise StageInputError("--prompts is required (only a diffusion pipeline without conditions takes none)")
 
 
 @dataclass(kw_only=True)
@@ -117,7 +117,7 @@ class SamplerOptions(Options):
         metadata={
             "help": "Sampling engine: hf (transformers generate) or vllm (pip install -e '.[vllm]'). One seed gives "
             "the same samples within a backend, not across backends.",
-            "choices": BACKEND_NAMES,
+            "choices": tuple(BACKENDS),
         },
     )
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs each engine is split across."})
@@ -139,7 +139,7 @@ class SamplerOptions(Options):
     def __post_init__(self):
         super().__post_init__()
         check_choice("--long_prompts", self.long_prompts, LONG_PROMPTS)
-        check_choice("--backend", self.backend, BACKEND_NAMES)
+        check_choice("--backend", self.backend, tuple(BACKENDS))
         if self.max_new_tokens < 1:
             raise StageInputError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -222,3 +222,65 @@ class RewardOptions(Options):
         count = len(self.reward) + len(self.reward_model)
         if self.reward_weights is not None and len(self.reward_weights) != count:
             raise StageInputError(f"--reward_weights has {len(self.reward_weights)} values for {count} rewards")
+
+
+def check_guidance_scale(scale: float, meaning: str = "") -> None:
+    if not scale >= 0 or math.isinf(scale):
+        raise StageInputError(f"--guidance_scale must be finite and >= 0{meaning}, got {scale}")
+
+
+def check_guidance(scale: float, ref_model: str | None, backend: str) -> None:
+    """Guidance needs a scale w >= 0, the reference model, and the HF backend (the engine cannot mix two models)."""
+    check_guidance_scale(scale, " (0 = pi_ref, 1 = the tuned model, > 1 extrapolates)")
+    if ref_model is None:
+        raise StageInputError("--guidance_scale mixes two models: give the reference model with --ref_model")
+    if backend != "hf":
+        raise StageInputError(
+            f"--guidance_scale runs on --backend hf only (got {backend}): vLLM cannot mix two models' logits per token"
+        )
+
+
+@dataclass
+class GenerationSettings(SamplerOptions, PromptOptions, LoadOptions):
+    """What generating needs, whatever the model family: the `generate` stage's flags, checked for what holds in every
+    family. A family receives these; the stage's `GenerateConfig` adds the family's own checks."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Model sampled from, a local folder or a Hub id: pi_ref itself unless --ref_model is set."}
+    )
+    prompts: str | None = prompts_field(optional=True)
+    output_dir: str = required_output_dir_field("Where the generated dataset is written (save_to_disk layout).")
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model pi_ref when sampling from another model; --model_name_or_path is then the "
+            "proposal and needs the same tokenizer (a PEFT adapter on this very reference shares its weights: the "
+            "adapter off is pi_ref). Default: the sampled model is pi_ref."
+        },
+    )
+    num_samples: int = field(default=8, metadata={"help": "Completions sampled per prompt (N)."})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sample the token-level mix softmax((1-w)·log pi_ref + w·log pi_theta) of --ref_model and "
+            "--model_name_or_path (pi_theta) at this scale w >= 0, recording log pi_theta as model_logprob "
+            "(hf backend). `rlfree sample --guidance_scale` picks among such samples to reach the sequence-level mix. "
+            "Diffusion pipelines: with --ref_model, RLG's step-by-step mix ref + w·(model - ref); without it, a "
+            "text-to-image pipeline's classifier-free guidance scale."
+        },
+    )
+    shard_size: int = field(
+        default=64,
+        metadata={
+            "help": "Prompts per shard (samples per shard for a diffusion pipeline): the unit written at once, split "
+            "across processes and resumed."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_output_dir(self)
+        if self.num_samples < 1:
+            raise StageInputError(f"--num_samples must be >= 1, got {self.num_samples}")
+        if self.shard_size < 1:
+            raise StageInputError(f"--shard_size must be >= 1, got {self.shard_size}")

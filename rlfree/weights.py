@@ -1,5 +1,5 @@
 """The weighting math, on tensors only: log-weights, per-group normalization, diagnostics, beta solving,
-truncation and soft best-of-N picks.
+truncation, pruning, beta sweeps and soft best-of-N picks.
 
 A group is a set of samples that share a normalizing constant (a prompt's N samples, or the N candidates of one
 pick). Groups are numbered 0..G-1 in a `group` tensor beside the values. Every family's stage, the samplers and the
@@ -9,6 +9,7 @@ trainers' weighting call these, so the math lives once; nothing here reads a dat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -201,3 +202,107 @@ def pick(log_weight: torch.Tensor, group: torch.Tensor, uniform: torch.Tensor) -
     rows = torch.arange(len(keys))
     winners = torch.where(keys == best[group], rows, torch.full_like(rows, len(keys)))
     return torch.full((num_groups,), len(keys), dtype=rows.dtype).scatter_reduce(0, group, winners, reduce="amin")
+
+
+def weigh(
+    log_weight: torch.Tensor,
+    group: torch.Tensor,
+    reference_log_weight: torch.Tensor,
+    drop_uniform: bool = False,
+    max_weight_ratio: float | None = None,
+    min_weight: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+    """Self-normalized weights from unnormalized log-weights: normalized per group, groups with uniform weights
+    dropped (`drop_uniform`, checked before pruning), truncated (`max_weight_ratio`) and pruned (`min_weight`).
+
+    Returns the per-row columns (`log_weight`, `weight` and their group's `ess`, `kl_estimate`, `kl_ref_estimate`,
+    `max_weight`), which rows are kept, and a summary (`summarize`, plus what dropping, truncation and pruning moved).
+    """
+    log_weight = normalize_per_group(log_weight, group)
+    weight = log_weight.exp()
+    kept = torch.ones_like(weight, dtype=torch.bool)
+    summary: dict = {}
+    if drop_uniform:
+        uniform = uniform_groups(weight, group)
+        if uniform[group].all():
+            raise StageInputError(
+                f"--drop_uniform_prompts: the weights of all {len(group.unique())} prompts are uniform (each "
+                "prompt's samples tied), so nothing is left to train on; drop the flag, or sample more completions "
+                "per prompt (--num_samples) so that some differ"
+            )
+        kept = ~uniform[group]
+        summary["dropped_uniform_prompts"] = int(uniform[group.unique()].sum())
+    if max_weight_ratio is not None:
+        truncated = truncate(weight, group, max_weight_ratio)
+        summary |= _mass_summary("truncated", (weight - truncated).clamp(min=0), group)
+        weight = truncated
+    if min_weight > 0:
+        pruned, above_minimum = prune(weight, group, min_weight)
+        kept &= above_minimum
+        summary |= _mass_summary("pruned", torch.where(above_minimum, 0.0, weight), group)
+        summary["pruned_samples"] = int((~above_minimum).sum())
+        weight = pruned
+    if max_weight_ratio is not None or min_weight > 0:
+        log_weight = weight.log()
+    per_prompt = diagnostics(weight, group, reference_log_weight)
+    columns = {
+        "log_weight": log_weight,
+        "weight": weight,
+        "ess": per_prompt["ess"][group],
+        "kl_estimate": per_prompt["kl_estimate"][group],
+        "kl_ref_estimate": per_prompt["kl_ref_estimate"][group],
+        "max_weight": per_prompt["max_weight"][group],
+    }
+    return columns, kept, summarize(per_prompt) | summary
+
+
+def summarize(per_prompt: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The weights' health over the prompts that have samples: ESS, plug-in KL, the largest weight, and how many
+    prompts sit near the plug-in KL's ceiling (with the samples they would need)."""
+    present = per_prompt["count"] > 0
+    ess, kl_estimate = per_prompt["ess"][present], per_prompt["kl_estimate"][present]
+    count = per_prompt["count"][present]
+    # Uniform weights (KL 0: constant rewards, say) are estimated exactly, however few the samples.
+    near_ceiling = (kl_estimate > count.log() - math.log(SAMPLES_PER_EXP_KL)) & (kl_estimate > 1e-9)
+    return {
+        "num_prompts": int(present.sum()),
+        "num_samples": int(count.sum()),
+        "ess_min": float(ess.min()),
+        "ess_median": float(ess.quantile(0.5)),
+        "kl_estimate_mean": float(kl_estimate.mean()),
+        "kl_estimate_max": float(kl_estimate.max()),
+        "kl_ref_estimate_mean": float(per_prompt["kl_ref_estimate"][present].mean()),
+        "share_ess_below_2": float((ess < 2).double().mean()),
+        "max_weight_max": float(per_prompt["max_weight"][present].max()),
+        "prompts_near_kl_ceiling": int(near_ceiling.sum()),
+        "samples_needed": samples_needed(float(kl_estimate[near_ceiling].max())) if near_ceiling.any() else None,
+    }
+
+
+def _mass_summary(name: str, removed: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
+    """Mean and largest weight mass per prompt that a truncation or pruning step moved."""
+    per_prompt = group_sum(removed, group, int(group.max()) + 1)[group.unique()]
+    return {f"{name}_mass_mean": float(per_prompt.mean()), f"{name}_mass_max": float(per_prompt.max())}
+
+
+def _mass_summary(name: str, removed: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
+    """Mean and largest weight mass per prompt that a truncation or pruning step moved."""
+    per_prompt = group_sum(removed, group, int(group.max()) + 1)[group.unique()]
+    return {f"{name}_mass_mean": float(per_prompt.mean()), f"{name}_mass_max": float(per_prompt.max())}
+
+
+def beta_sweep(
+    correction: torch.Tensor, reward: torch.Tensor, group: torch.Tensor, betas: Sequence[float]
+) -> dict[str, list[float]]:
+    """Prompt-averaged plug-in KL(pi* || pi_ref) and ESS / N of rlhf weights r/beta + correction at each beta (for
+    plots and choosing beta)."""
+    reference_log_weight = normalize_per_group(correction, group)
+    curve = {"beta": [], "kl_ref_estimate": [], "ess_fraction": []}
+    for beta in betas:
+        weight = normalize_per_group(correction + reward / beta, group).exp()
+        metrics = diagnostics(weight, group, reference_log_weight)
+        present = metrics["count"] > 0
+        curve["beta"].append(float(beta))
+        curve["kl_ref_estimate"].append(float(metrics["kl_ref_estimate"][present].mean()))
+        curve["ess_fraction"].append(float((metrics["ess"] / metrics["count"].clamp(min=1))[present].mean()))
+    return curve

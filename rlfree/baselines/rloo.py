@@ -23,7 +23,7 @@ from trl import RLOOConfig, RLOOTrainer
 
 from ..data import load_prompts
 from ..errors import StageInputError, check_finite
-from ..lm.modeling import load_tokenizer
+from ..lm.loading import load_tokenizer
 from ..options import reward_functions_field
 from ..rewards.scoring import load_reward_function
 from ..sources import model_folder

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Array3D, Dataset, Features, Value
 
-from ..data import folder_stamp, load_prompts, process_state, run_in_shards
+from ..adapters import AdapterOff
+from ..data import load_prompts, process_state, run_in_shards
 from ..errors import StageInputError
-from ..lm.modeling import AdapterOff
+from ..options import GenerationSettings
 from ..seeds import sample_seed
-from ..sources import content_fingerprint
 from .lora import shares_base, with_adapter
 from .pipeline import Layout, denoise, load_pipeline, read_layout, sample_shape, to_images, unet_condition
-
-if TYPE_CHECKING:
-    from ..stages.generate import GenerateConfig
 
 # Flags of `generate` that only mean something for language models, with the value that leaves them off.
 LM_ONLY = {
@@ -38,7 +33,7 @@ LM_ONLY = {
 }
 
 
-def check_diffusion_flags(config: GenerateConfig, layout: Layout) -> None:
+def check_diffusion_flags(config: GenerationSettings, layout: Layout) -> None:
     set_flags = [f"--{name}" for name, off in LM_ONLY.items() if getattr(config, name) != off]
     if set_flags:
         raise StageInputError(
@@ -67,7 +62,7 @@ def architecture(layout: Layout) -> dict:
     return {key: value for key, value in layout.unet.items() if not key.startswith("_")}
 
 
-def conditions(config: GenerateConfig, layout: Layout) -> list[dict]:
+def conditions(config: GenerationSettings, layout: Layout) -> list[dict]:
     """One row per condition: {prompt, class_label?, extra columns}. An unconditional pipeline has one, with no text;
     a text-to-image pipeline's prompts are plain text (chat `messages` mean nothing to its text encoder)."""
     if layout.conditioning == "text":
@@ -118,17 +113,15 @@ def features(rows: list[dict], sample: tuple[int, ...], image: tuple[int, ...]) 
     return Features(types)
 
 
-def generate_samples(config: GenerateConfig) -> Dataset:
-    """The generation stage for a pipeline: shards of `--shard_size` samples, resumed after an interrupt."""
+def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
+    """The generation stage for a pipeline: shards of `--shard_size` samples, resumed after an interrupt; `settings` is
+    what the stage records about the run."""
     path = config.model_name_or_path
     layout = read_layout(path)
     check_diffusion_flags(config, layout)
     state = process_state()
     rows = conditions(config, layout)
-    settings = asdict(config) | {"family": "diffusion", "num_prompts": len(rows), "model_stamp": folder_stamp(path)}
-    settings["prompts_fingerprint"] = content_fingerprint(config.prompts)
-    if config.ref_model is not None:
-        settings["ref_model_stamp"] = folder_stamp(config.ref_model)
+    settings = settings | {"num_prompts": len(rows)}
     # --guidance_scale is RLG's W beside --ref_model, else a text-to-image pipeline's classifier-free guidance.
     rlg_scale = config.guidance_scale if config.ref_model is not None else 1.0
     cfg_scale = config.guidance_scale if config.ref_model is None and config.guidance_scale is not None else None

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..adapters import as_reference
+from ..device import default_device, resolve_dtype
 from ..errors import StageInputError
-from ..lm.modeling import as_reference, default_device, resolve_dtype
 from ..sources import model_file
 
 TEXT_COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer"}

@@ -183,28 +183,6 @@ def train_base(folder: str | Path, plus_weight: float, steps: int = 400, batch_s
     )
 
 
-def train_classes(
-    folder: str | Path,
-    plus_weights: tuple[float, ...],
-    null_probability: float = 0.2,
-    steps: int = 600,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> None:
-    """Fit the class-conditional pipeline in `folder` (num_class_embeds = len(plus_weights) + 1) as CFG models are
-    trained: class c's images are the mixture with plus_weights[c] on +, and with probability `null_probability` the
-    label is replaced by the null class, len(plus_weights), whose images are therefore the mixture over classes."""
-    weights = torch.tensor(plus_weights)
-
-    def draw_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.randint(len(plus_weights), (batch_size,), generator=generator)
-        samples = mixture_samples(weights[labels], batch_size, generator)
-        dropped = torch.rand(batch_size, generator=generator) < null_probability
-        return samples, torch.where(dropped, len(plus_weights), labels)
-
-    fit_pipeline(folder, draw_batch, steps, seed=seed)
-
-
 TEXT_WORDS = ("<pad>", "<unk>", "a", "bright", "dark", "square", "circle", "small", "large")
 
 

@@ -20,9 +20,8 @@ from transformers import Trainer
 
 from ..data import read_sidecars
 from ..errors import StageInputError
-from ..lm.trainer import RLFreeConfig, model_card
 from ..seeds import stream_seed
-from ..training import weight_scale, weighted_step_loss
+from ..training import CardFamily, RLFreeConfig, model_card, weight_scale, weighted_step_loss
 from .lora import save_adapter_and_merge
 from .pipeline import denoising_loss, noise_scheduler, unet_condition
 
@@ -120,5 +119,13 @@ class DiffusionTrainer(Trainer):
         self.pipeline.register_modules(unet=unet)
         self.pipeline.save_pretrained(output_dir)
         sidecars = read_sidecars(self.args.dataset_dir)
-        card = model_card(self.base_model, sidecars, self.args.dataset_dir, self.args, self.lora or "full")
+        steps = sidecars.get("generation", {}).get("num_inference_steps")
+        card_family = CardFamily(
+            "diffusers",
+            f"num_inference_steps={steps}",
+            'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{name}")\n',
+        )
+        card = model_card(
+            self.base_model, sidecars, self.args.dataset_dir, self.args, card_family, self.lora or "full"
+        )
         Path(output_dir, "README.md").write_text(card)

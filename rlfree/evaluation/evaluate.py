@@ -29,8 +29,8 @@ import numpy as np
 from datasets import Dataset, Value
 
 from ..data import changed_settings, process_state, read_sidecars
-from ..diffusion import is_pipeline
 from ..errors import StageInputError
+from ..family import Family, family_named, family_of_model
 from ..options import (
     LoadOptions,
     Options,
@@ -41,10 +41,12 @@ from ..options import (
     prompts_field,
     required_output_dir_field,
 )
+from ..samplers import sampler_named
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
-from ..stages.weight import format_rows
-from .inspect import PromptGroups, format_number, format_table, read_columns, save_plot
+from .inspection import PromptGroups, read_columns
+from .plots import draw_rewards, save_plot
+from .tables import format_number, format_rows, format_table
 
 
 @dataclass(kw_only=True)
@@ -74,7 +76,8 @@ class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptO
 
     def __post_init__(self):
         super().__post_init__()
-        if self.ref_model is not None and any(pipeline_of(model) for model in self.contestants()):
+        families = [family_of_contestant(model) for model in self.contestants()]
+        if self.ref_model is not None and not all(family.has_likelihood for family in families):
             raise StageInputError(
                 f"--ref_model {self.ref_model}: the KL to a reference needs likelihoods, which a diffusion pipeline "
                 "does not give; drop --ref_model (the report has the mean reward and the cost)"
@@ -85,8 +88,8 @@ class ComparisonOptions(BootstrapOptions, SamplerOptions, RewardOptions, PromptO
                 "KL estimate needs samples from the model itself (temperature 1, no top-k/top-p); drop --ref_model "
                 "to evaluate a tempered or truncated sampler"
             )
-        if self.prompts is None and not all(pipeline_of(model) for model in self.contestants()):
-            raise StageInputError("--prompts is required (only a diffusion pipeline without conditions takes none)")
+        for family in families:
+            family.check_prompts(self.prompts)
 
     def contestants(self) -> list[str]:
         """The models (or `rlfree sample` output folders) compared."""
@@ -133,10 +136,11 @@ class ABConfig(ComparisonOptions):
             raise StageInputError("--output_dir is required")
         if self.num_examples < 0:
             raise StageInputError(f"--num_examples must be >= 0, got {self.num_examples}")
-        if (pipeline_of(self.model_a) is None) != (pipeline_of(self.model_b) is None):
+        family_a, family_b = family_of_contestant(self.model_a), family_of_contestant(self.model_b)
+        if family_a is not family_b:
             raise StageInputError(
-                f"--model_a {self.model_a} and --model_b {self.model_b}: one is a diffusion pipeline and the other a "
-                "language model; compare two of a kind"
+                f"--model_a {self.model_a} and --model_b {self.model_b}: one is a {family_a.name} model and the other a "
+                f"{family_b.name} model; compare two of a kind"
             )
         super().__post_init__()
 
@@ -280,28 +284,21 @@ def sampler_picks(path: str) -> Path | None:
     return None
 
 
-def pipeline_of(model: str) -> str | None:
-    """The diffusion pipeline a contestant samples from (itself, or a sampler's model), else None."""
+def family_of_contestant(model: str) -> Family:
+    """The family of a contestant: of the model itself, or of the model a sampler's picks come from."""
     picks = sampler_picks(model)
-    source = read_sidecars(picks)["sampling"]["model_name_or_path"] if picks is not None else model
-    return source if is_pipeline(source) else None
+    if picks is None:
+        return family_of_model(model)
+    sampling = read_sidecars(picks)["sampling"]
+    return (
+        family_named(sampling["family"]) if "family" in sampling else family_of_model(sampling["model_name_or_path"])
+    )
 
 
 def describe_sampler(settings: dict[str, Any]) -> str:
     """The sampler and the settings that set its cost and target, e.g. `soft_best_of_n N=16 beta=0.5 of MODEL`."""
     sampler = settings["sampler"]
-    if sampler == "soft_best_of_n":
-        knobs = f"N={settings['soft_best_of_n']} beta={settings['beta']}"
-    elif sampler == "guided":
-        knobs = f"W={settings['guidance_scale']} M={settings['guidance_candidates']} ref {settings['ref_model']}"
-    elif sampler == "cfg_best_of_n":
-        knobs = f"N={settings['cfg_best_of_n']} w={settings['cfg_scale']} K={settings['classifier_estimates']}"
-    else:
-        knobs = (
-            f"B={settings['block_size']} M={settings['num_candidates']} K={settings['num_rollouts']} "
-            f"beta={settings['beta']}"
-        )
-    return f"{sampler} {knobs} of {settings['model_name_or_path']}"
+    return f"{sampler} {sampler_named(sampler).describe(settings)} of {settings['model_name_or_path']}"
 
 
 def check_sampler_prompts(picks: Path, settings: dict[str, Any], config: EvaluateConfig) -> None:
@@ -341,20 +338,13 @@ def summarize(dataset: Dataset, config: EvaluateConfig) -> dict[str, Any]:
     for name, values in per_sample.items():
         units, report["interval"] = replication_units(groups, values)
         report |= estimate(name, units, config.confidence, config.num_bootstrap, config.seed)
+    family = family_of_contestant(config.model_name_or_path)
     if sampling is not None:
         report |= {"sampler": describe_sampler(sampling), "cost_per_sample": sampling["cost"]["per_pick"]}
-    if "num_tokens" not in columns:  # a diffusion pipeline's images: no tokens, no finish reasons
-        if sampling is None:
-            steps = float(config.num_inference_steps)
-            report["cost_per_sample"] = model_cost(steps, steps)
-        return report
-    tokens = columns["num_tokens"]
-    if sampling is None:
-        report["cost_per_sample"] = model_cost(float(tokens.mean()), float(tokens.mean()))
-    report["num_tokens"] = {"mean": float(tokens.mean()), "median": float(np.median(tokens)), "max": int(tokens.max())}
-    reasons, counts = np.unique(columns["finish_reason"], return_counts=True)
-    report["finish_reasons"] = {str(r): float(c / len(dataset)) for r, c in zip(reasons, counts, strict=True)}
-    return report
+    else:
+        length = float(family.sample_lengths(dataset, config.num_inference_steps).double().mean())
+        report["cost_per_sample"] = model_cost(length, length)
+    return report | family.completion_statistics(columns)
 
 
 # --- running ---------------------------------------------------------------------------------------------------------
@@ -526,13 +516,3 @@ def ab(config: ABConfig) -> dict[str, Any]:
         print(format_table(["", "A", "B"], side_by_side(a, b)))
         print(f"report: {output / 'ab.md'}")
     return result
-
-
-def draw_rewards(axes, rewards_a: np.ndarray, rewards_b: np.ndarray) -> None:
-    """Both reward distributions on shared bins, bars side by side."""
-    bins = np.histogram_bin_edges(np.concatenate([rewards_a, rewards_b]), bins="auto")
-    axes.hist([rewards_a, rewards_b], bins=bins, label=["A", "B"], color=["#3b7dd8", "#d8743b"])
-    axes.set_xlabel("reward")
-    axes.set_ylabel("samples")
-    axes.set_title("reward distributions")
-    axes.legend()

@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..options import SamplerOptions
+from ..options import LoadOptions, SamplerOptions
 from ..seeds import pick_uniforms, stream_seed
 from ..weights import group_log_mean_exp, normalize_per_group, pick
-from .backends import Draw, SamplingBackend
-from .generation import teacher_forced
+from .backends import BackendModel, Draw, SamplingBackend, load_backend
+from .generation import check_same_tokens, teacher_forced
+from .loading import eos_token_ids, load_causal_lm, load_tokenizer
 
 # (prompt indices, completion ids) -> one reward per completion
 Scorer = Callable[[list[int], list[list[int]]], torch.Tensor]
@@ -190,3 +191,45 @@ class EnergySearch:
             cost["rollouts"] += 1
         position = {i: n for n, i in enumerate(candidates)}
         return group_log_mean_exp(terms, torch.tensor([position[candidate_of[r.prompt_index]] for r in rollouts]))
+
+
+def load_search(
+    model: str,
+    rollout_model: str | None,
+    settings: SamplerOptions | LoadOptions,
+    tokenizer: PreTrainedTokenizerBase,
+    score: Scorer,
+    search: dict,
+    device: torch.device,
+) -> EnergySearch:
+    """The search over `model` (pi_ref), with its rollouts from `rollout_model` (ETS-IS, checked to share pi_ref's
+    tokens) when given; `search` holds the search's size: beta, block_size, num_candidates, num_rollouts and
+    log_ratio_clip. Its backends are open: close them with `close`."""
+
+    def loaded(path: str) -> tuple[PreTrainedModel, SamplingBackend]:
+        network = load_causal_lm(path, settings.dtype, settings.trust_remote_code, device)
+        backend_model = BackendModel(path, settings.dtype, settings.trust_remote_code, lambda: network)
+        return network, load_backend(backend_model, settings, eos)
+
+    reference = load_causal_lm(model, settings.dtype, settings.trust_remote_code, device)
+    eos = eos_token_ids(reference, tokenizer)
+    backend = load_backend(
+        BackendModel(model, settings.dtype, settings.trust_remote_code, lambda: reference), settings, eos
+    )
+    rollout_network = rollout_backend = None
+    if rollout_model is not None:
+        rollout_network, rollout_backend = loaded(rollout_model)
+        rollout_tokenizer = load_tokenizer(rollout_model, settings.trust_remote_code)
+        check_same_tokens(rollout_model, rollout_network, rollout_tokenizer, model, reference, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return EnergySearch(
+        backend, reference, settings, pad, score, search["beta"], search["block_size"], search["num_candidates"],
+        search["num_rollouts"], rollout_backend, rollout_network, search["log_ratio_clip"],
+    )  # fmt: skip
+
+
+def close(search: EnergySearch) -> None:
+    """Close the search's sampling engines."""
+    search.backend.close()
+    if search.rollout_backend is not None:
+        search.rollout_backend.close()

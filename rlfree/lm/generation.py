@@ -1,4 +1,5 @@
-"""From prompts to draws to rows: rendering prompts, fitting them to the context, and the teacher-forced pass.
+"""The generation stage for causal LMs: rendering prompts, fitting them to the context, drawing with a backend, and
+the teacher-forced pass.
 
 Whatever backend drew a completion, `ref_logprob` is log pi_ref(o|q) read here by the same teacher-forced computation
 the trainer maximizes (full softmax, temperature 1). `proposal_logprob` is the engine's own log-probability of what it
@@ -7,25 +8,27 @@ drew when the backend reports one, and otherwise the teacher-forced log-probabil
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..adapters import AdapterOff, as_reference
+from ..data import load_prompts, nearest_existing, process_state, read_sidecars, run_in_shards
 from ..errors import StageInputError
-from ..options import SamplerOptions
+from ..options import GenerationSettings, SamplerOptions
 from ..sources import context_length, load_model_config
-from .backends import Draw
+from .backends import BackendModel, Draw, SamplingBackend, load_backend
 from .backends.hf import sampler_processors
-from .modeling import (
-    AdapterOff,
-    as_reference,
-    eos_token_ids,
-    load_tokenizer,
-    model_completion_logprobs,
-    pad_prompt_completion,
-)
+from .batching import pad_prompt_completion
+from .guidance import GuidedBackend
+from .loading import eos_token_ids, load_causal_lm, load_reference, load_tokenizer
+from .logprobs import model_completion_logprobs
 
 # Per-token |log p_engine - log pi_ref| above this, on average, is worth a warning: the weights still correct for it,
 # but they spread (a mean gap g per token moves a T-token sequence's log-weight by about g·T).
@@ -278,3 +281,124 @@ def teacher_forced(
                 )
             )
     return rows
+
+
+# What one generated row costs, measured on the toy (1.8 KB in memory with 3 new tokens and a 4-token prompt): Python
+# objects while its shard is built, then Arrow. A shard is built in memory and written at once.
+ROW_BYTES_IN_MEMORY, TOKEN_BYTES_IN_MEMORY = 2048, 64
+ROW_BYTES_ON_DISK, TOKEN_BYTES_ON_DISK = 256, 16
+
+
+def check_size(config: GenerationSettings, prompt_ids: list[list[int]], sampled: list[int]) -> None:
+    """Refuse, before sampling, a stage whose shards cannot be held in memory or whose dataset cannot fit on disk.
+
+    A shard holds all N samples of each of its prompts, so `--num_samples` alone can exceed the machine (a billion
+    samples of 4 prompts filled 22 GB in two minutes before it was killed). Estimates are rough: half the machine's
+    memory per shard, the dataset twice on disk (its shards, then the finished folder).
+    """
+    tokens = config.max_new_tokens + max((len(prompt_ids[index]) for index in sampled), default=0)
+    per_prompt = config.num_samples * (ROW_BYTES_IN_MEMORY + TOKEN_BYTES_IN_MEMORY * tokens)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    prompts_per_shard = min(config.shard_size, len(sampled))
+    if per_prompt > memory / 2:
+        raise StageInputError(
+            f"--num_samples {config.num_samples}: the samples of one prompt take about {per_prompt / 2**30:.0f} GB in "
+            f"memory while they are written, more than half of this machine's {memory / 2**30:.0f} GB; lower "
+            "--num_samples"
+        )
+    if prompts_per_shard * per_prompt > memory / 2:
+        raise StageInputError(
+            f"--shard_size {config.shard_size}: a shard of {prompts_per_shard} prompts x {config.num_samples} samples "
+            f"takes about {prompts_per_shard * per_prompt / 2**30:.0f} GB in memory, more than half of this machine's "
+            f"{memory / 2**30:.0f} GB; use --shard_size {max(1, int(memory / 2 // per_prompt))} or less"
+        )
+    on_disk = 2 * len(sampled) * config.num_samples * (ROW_BYTES_ON_DISK + TOKEN_BYTES_ON_DISK * tokens)
+    folder = nearest_existing(Path(config.output_dir).expanduser().resolve().parent)
+    free = shutil.disk_usage(folder).free
+    if on_disk > free:
+        raise StageInputError(
+            f"--num_samples {config.num_samples}: {len(sampled)} prompts x {config.num_samples} samples need about "
+            f"{on_disk / 2**30:.1f} GB of disk (the shards, then the dataset), and {folder} has {free / 2**30:.1f} GB "
+            "free; lower --num_samples or --max_new_tokens, or write elsewhere"
+        )
+
+
+def generate_completions(config: GenerationSettings, settings: dict) -> Dataset:
+    """The generation stage for a causal LM: shards of `--shard_size` prompts, across `accelerate launch` processes,
+    resumed after an interrupt; `settings` is what the stage records about the run."""
+    state = process_state()
+    prompt_rows = load_prompts(config.prompts, config.prompts_split)
+    paths = {"--model_name_or_path": config.model_name_or_path, "--ref_model": config.ref_model}
+    context = model_context(paths, config.trust_remote_code)
+    # pi_ref defines the task: its tokenizer (and chat template) renders the prompts.
+    tokenizer_source = config.ref_model or config.model_name_or_path
+    tokenizer = task_tokenizer(tokenizer_source, config.trust_remote_code)
+    prompts = prepare_prompts(prompt_rows, tokenizer, config, context, state.is_main_process)
+    texts, prompt_ids, sampled, extras = prompts.texts, prompts.prompt_ids, prompts.sampled, prompts.extras
+    check_size(config, prompt_ids, sampled)
+
+    settings = settings | {"num_prompts": len(texts)}
+
+    @functools.cache
+    def models() -> tuple:
+        """Loaded on the first shard this process writes: a finished run loads nothing."""
+        model = load_causal_lm(config.model_name_or_path, config.dtype, config.trust_remote_code, state.device)
+        if config.ref_model is None:
+            return model, None
+        ref_model = load_reference(
+            config.ref_model, model, config.model_name_or_path, config.dtype, config.trust_remote_code, state.device
+        )
+        if not isinstance(ref_model, AdapterOff):
+            proposal_tokenizer = load_tokenizer(config.model_name_or_path, config.trust_remote_code)
+            check_same_tokens(
+                config.model_name_or_path, model, proposal_tokenizer, config.ref_model, ref_model, tokenizer
+            )
+        return model, ref_model
+
+    @functools.cache
+    def backend() -> SamplingBackend:
+        """The engine, started on the first shard this process writes and closed when the stage ends."""
+        model = BackendModel(config.model_name_or_path, config.dtype, config.trust_remote_code, lambda: models()[0])
+        eos = eos_token_ids(models()[0], tokenizer)
+        if config.guidance_scale is not None:
+            return GuidedBackend(model, config, eos, models()[1], config.guidance_scale)
+        return load_backend(model, config, eos)
+
+    def make_shard(positions: range) -> Dataset:
+        model, ref_model = models()
+        shard_prompts = {sampled[position]: prompt_ids[sampled[position]] for position in positions}
+        draws = backend().draw(shard_prompts, config.num_samples, config.seed)
+        rows = []
+        guided = config.guidance_scale is not None
+        for sample in teacher_forced(draws, shard_prompts, model, ref_model, config, tokenizer.pad_token_id, guided):
+            index = sample["prompt_index"]
+            rows.append(
+                {
+                    "prompt": texts[index],
+                    "prompt_index": index,
+                    "sample_index": sample["sample_index"],
+                    "completion": tokenizer.decode(sample["completion_ids"], skip_special_tokens=True),
+                    "prompt_ids": prompt_ids[index],
+                    **sample,
+                    **extras[index],
+                }
+            )
+        return Dataset.from_list(rows)
+
+    try:
+        dataset = run_in_shards(
+            config.output_dir,
+            "generation",
+            settings,
+            len(sampled),
+            config.shard_size,
+            make_shard,
+            finish=summarize_engine_gap,
+        )
+    finally:
+        if backend.cache_info().currsize:
+            backend().close()
+    warning = engine_gap_warning(read_sidecars(config.output_dir)["generation"]) if state.is_main_process else None
+    if warning:
+        print(f"warning: {warning}")
+    return dataset

@@ -17,10 +17,11 @@ import inspect
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
+from ..adapters import AdapterOff, as_reference
 from ..options import SamplerOptions
 from .backends import BackendModel
 from .backends.hf import HFBackend
-from .modeling import AdapterOff, as_reference, unwrap
+from .logprobs import unwrap
 
 
 class GuidedLogits(LogitsProcessor):

@@ -1,4 +1,5 @@
-"""Weighted maximum likelihood for causal LMs: a config dataclass beside a small `transformers.Trainer` subclass.
+"""Weighted maximum likelihood for causal LMs: a small `transformers.Trainer` subclass (its config, `RLFreeConfig`, is
+shared with the other families in `rlfree.training`).
 
     loss(theta) = - sum_q sum_i w_i * sum_t log pi_theta(o_i,t | q, o_i,<t)
 
@@ -11,86 +12,22 @@ mean loss and the usual learning rates apply.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer
 
 from ..data import read_sidecars
-from ..errors import StageInputError, check_finite, check_ranges
-from ..training import weight_scale, weighted_step_loss
-from .modeling import (
-    DEFAULT_LOGITS_CHUNK_SIZE,
-    flatten_prompt_completion,
-    model_completion_logprobs,
-    pad_prompt_completion,
-)
+from ..device import default_device, resolve_dtype
+from ..sources import model_folder
+from ..training import CardFamily, ModelConfig, RLFreeConfig, model_card, weight_scale, weighted_step_loss
+from .batching import flatten_prompt_completion, pad_prompt_completion
+from .logprobs import model_completion_logprobs
 
 TRAIN_COLUMNS = ("prompt_ids", "completion_ids", "weight")
 # Samplers of TrainingArguments.train_sampling_strategy that read each row's length from `length_column_name`.
 LENGTH_SAMPLING_STRATEGIES = ("group_by_length", "batch_rebalance")
-
-
-@dataclass
-class RLFreeConfig(TrainingArguments):
-    """`TrainingArguments` plus the data to train on; defaults suited to weighted MLE."""
-
-    dataset_dir: str | None = field(default=None, metadata={"help": "Output folder of `rlfree weight`."})
-    max_length: int | None = field(
-        default=None,
-        metadata={"help": "Cut prompt+completion to this many tokens (completions are cut, never prompts)."},
-    )
-    logits_chunk_size: int | None = field(
-        default=DEFAULT_LOGITS_CHUNK_SIZE,
-        metadata={
-            "help": "Completion positions per chunk of the lm_head + log-softmax, each chunk recomputed in backward, "
-            "so fp32 logits over the vocabulary never exist for the whole batch; 0 or None = full logits."
-        },
-    )
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack each micro-batch into one row without padding, position ids restarting at 0 for each "
-            "sequence (as DataCollatorWithFlattening): no compute on padding. Needs attention that reads packed "
-            "position ids (sdpa, eager, flash_attention_2); checked on the first step."
-        },
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "A checkpoint folder to resume from, or `last` for the newest one in --output_dir."},
-    )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the weight columns."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy during training."})
-
-    def __post_init__(self):
-        check_finite(self)
-        if self.dataset_dir is None:
-            raise StageInputError("--dataset_dir is required: the output folder of `rlfree weight`")
-        # Checked here, before any folder is made: the optimizer and the data loader would only fail at the first step.
-        check_ranges(
-            self,
-            {
-                "learning_rate": (self.learning_rate >= 0, ">= 0"),
-                "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
-                "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
-                "num_train_epochs": (self.num_train_epochs > 0 or self.max_steps > 0, "> 0 (or set --max_steps)"),
-                "weight_decay": (self.weight_decay >= 0, ">= 0"),
-                "max_length": (self.max_length is None or self.max_length >= 1, ">= 1"),
-                "logits_chunk_size": (self.logits_chunk_size is None or self.logits_chunk_size >= 0, ">= 0 (0 = off)"),
-            },
-        )
-        if torch.accelerator.current_accelerator() is None:
-            # Without this, `accelerate launch` on a CPU-only machine starts gloo ranks that each train on the whole
-            # dataset instead of sharing it.
-            self.use_cpu = True
-        try:
-            super().__post_init__()
-        except ValueError as error:  # TrainingArguments' own checks name the flag and the fix; one line, no traceback
-            raise StageInputError(str(error).strip()) from None
 
 
 class WeightedCollator:
@@ -162,13 +99,33 @@ class RLFreeTrainer(Trainer):
         """Write README.md describing how the model was made (overrides Trainer's generic card)."""
         if not self.is_world_process_zero():
             return
-        card = model_card(
-            self.model.config._name_or_path,
-            read_sidecars(self.args.dataset_dir),
-            self.args.dataset_dir,
-            self.args,
-        )
+        sidecars = read_sidecars(self.args.dataset_dir)
+        card_family = language_model_card(sidecars.get("generation", {}))
+        card = model_card(self.model.config._name_or_path, sidecars, self.args.dataset_dir, self.args, card_family)
         Path(self.args.output_dir, "README.md").write_text(card)
+
+    def save_trained(self, model_config: ModelConfig) -> None:
+        """The trained model at the root of --output_dir, as `from_pretrained` loads it (the LoRA adapter alone, or
+        with --merge_lora the merged model), with its tokenizer and card."""
+        if model_config.use_peft and model_config.merge_lora:
+            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            if self.is_world_process_zero():
+                merged.save_pretrained(self.args.output_dir)
+                self.processing_class.save_pretrained(self.args.output_dir)
+        else:
+            self.save_model(self.args.output_dir)
+        self.create_model_card()
+
+
+def language_model_card(generation: dict) -> CardFamily:
+    """A causal LM's part of its model card: its sampler settings (from the generation record) and how to load it."""
+    return CardFamily(
+        "transformers",
+        " ".join(f"{name}={generation.get(name)}" for name in ("temperature", "top_k", "top_p", "max_new_tokens")),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("{name}")\n',
+    )
 
 
 def with_lengths(dataset: Dataset, column: str, max_length: int | None) -> Dataset:
@@ -188,90 +145,27 @@ def with_lengths(dataset: Dataset, column: str, max_length: int | None) -> Datas
     )
 
 
-def base_model_reference(name_or_path: str) -> tuple[str | None, str]:
-    """(Hub id or None, what the card shows) for the model as it was given to `from_pretrained`.
-
-    A local folder (or GGUF file) is not a Hub id: the card shows its absolute path and leaves `base_model` out of the
-    front matter (the Hub would link it to whatever model has that name), unless the folder is a snapshot in the
-    Hugging Face cache, `.../models--ORG--NAME/snapshots/<hash>`, which is the Hub model ORG/NAME.
-    """
-    if not name_or_path:
-        return None, "unknown"
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        return name_or_path, name_or_path
-    path = path.resolve()
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        hub_id = path.parent.parent.name.removeprefix("models--").replace("--", "/")
-        return hub_id, hub_id
-    return None, str(path)
-
-
-def weighting_rows(weighting: dict) -> list[tuple[str, object]]:
-    """The coefficients of the weighting used: beta for rlhf, the exponent or beta_if for rlif, both for rlhf+rlif."""
-    kind = weighting.get("weighting", "")
-    rows = [("beta", weighting.get("beta"))] if "rlhf" in kind else []
-    if "rlif" in kind:
-        if weighting.get("beta_if") is not None:
-            rows.append(("rlif beta_if", weighting["beta_if"]))
-        else:
-            rows.append(("rlif exponent", weighting.get("rlif_exponent")))
-    return rows
-
-
-def three_significant_digits(value: float) -> str:
-    """ESS is an estimate from N samples: more digits would be noise."""
-    return f"{float(f'{value:.3g}'):g}"
-
-
-def model_card(
-    name_or_path: str, sidecars: dict, dataset_dir: str, args: TrainingArguments, fine_tuning: str | None = None
-) -> str:
-    """A Hub model card that records the recipe: base model (`name_or_path` as loaded), weighting, beta, N, reward,
-    data and, when given, how the weights were tuned (`fine_tuning`: full, or the LoRA settings)."""
-    generation = sidecars.get("generation", {})
-    scoring = sidecars.get("scoring", {})
-    weighting = sidecars.get("weighting", {})
-    rewards = scoring.get("reward", []) + scoring.get("reward_model", [])
-    hub_id, base_model = base_model_reference(name_or_path)
-    ess = [weighting.get("ess_min"), weighting.get("ess_median")]
-    diffusion = generation.get("family") == "diffusion"
-    sampler = (
-        f"num_inference_steps={generation.get('num_inference_steps')}"
-        if diffusion
-        else f"temperature={generation.get('temperature')} top_k={generation.get('top_k')} "
-        f"top_p={generation.get('top_p')} max_new_tokens={generation.get('max_new_tokens')}"
+def build_model(model_config: ModelConfig):
+    """Load the model to train and, with --use_peft, wrap it in a LoRA adapter."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_folder(model_config.model_name_or_path),
+        dtype=resolve_dtype(model_config.dtype, default_device()),
+        trust_remote_code=model_config.trust_remote_code,
     )
-    rows = [
-        ("base model", base_model),
-        ("weighting", weighting.get("weighting", "?")),
-        *weighting_rows(weighting),
-        ("samples per prompt (N)", generation.get("num_samples")),
-        ("prompts", weighting.get("num_prompts", generation.get("num_prompts"))),
-        ("prompt set", generation.get("prompts")),
-        ("sampler", sampler),
-        ("reward", ", ".join(rewards) or "none (rlif)"),
-        ("ESS min / median", " / ".join("?" if value is None else three_significant_digits(value) for value in ess)),
-        ("training data", dataset_dir),
-        ("learning rate / epochs", f"{args.learning_rate} / {args.num_train_epochs}"),
-        *([("fine-tuning", fine_tuning)] if fine_tuning else []),
-    ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    front_matter = {"base_model": hub_id} if hub_id else {}
-    front_matter |= {"library_name": "diffusers" if diffusion else "transformers", "tags": ["rlfree", "weighted-mle"]}
-    name = Path(args.output_dir).name
-    usage = (
-        f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{name}")\n'
-        if diffusion
-        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n'
-    )
-    return (
-        "---\n" + "\n".join(f"{key}: {json.dumps(value)}" for key, value in front_matter.items()) + "\n---\n\n"
-        f"# {Path(args.output_dir).name}\n\n"
-        f"Fine-tuned from `{base_model}` with rlfree: weighted maximum likelihood "
-        "towards the KL-regularized optimum pi_ref(o|q) * exp(r(q,o) / beta), without reinforcement learning.\n\n"
-        "| setting | value |\n| --- | --- |\n" + table + "\n\n"
-        f"## Use\n\n```python\n{usage}```\n"
-    )
+    # What the model card names as the base: the GGUF file the user gave, not the folder it was converted into.
+    model.config.name_or_path = model_config.model_name_or_path
+    if model_config.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        target = model_config.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=model_config.lora_r,
+                lora_alpha=model_config.lora_alpha,
+                lora_dropout=model_config.lora_dropout,
+                target_modules=target[0] if target == ["all-linear"] else target,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model

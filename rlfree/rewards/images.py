@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..lm.modeling import default_device
+from ..device import default_device
 
 
 class ImageRewardModel:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ..data import folder_stamp
+from ..device import default_device
 from ..errors import StageInputError
-from ..lm.modeling import default_device
 from ..options import split_reward_spec
 
 RewardFunction = Callable[..., list[float]]
@@ -223,3 +223,22 @@ def score_dataset(
     if "reward" in dataset.column_names:
         dataset = dataset.remove_columns("reward")
     return dataset.add_column("reward", total)
+
+
+def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
+    """Stop on a NaN/inf/None reward naming the row, or drop such rows and say how many."""
+    bad = [row for row, value in enumerate(dataset["reward"]) if not math.isfinite(value)]
+    if not bad:
+        return dataset
+    if not drop_invalid:
+        first = dataset[bad[0]]
+        raise StageInputError(
+            f"reward is NaN/inf/None for {len(bad)} row(s); first: row {bad[0]} (prompt_index "
+            f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
+            f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
+        )
+    if len(bad) == len(dataset):
+        raise StageInputError(f"every one of the {len(dataset)} rewards is NaN/inf/None: nothing is left to weight")
+    print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
+    keep = sorted(set(range(len(dataset))) - set(bad))
+    return dataset.select(keep)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..training import ModelConfig
 from . import generate, score, train, weight
 
 CHECKS = {
     generate.GenerateConfig: generate.check_output,
     score.ScoreConfig: score.check_output,
     weight.WeightConfig: weight.check_output,
-    train.ModelConfig: train.check_output,
+    ModelConfig: train.check_output,
 }
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-from ..data import check_output_dir, load_stage, process_state, read_sidecars, run_in_shards
-from ..errors import StageInputError, check_ranges
+from ..data import check_output_dir, load_stage, process_state, run_in_shards
+from ..errors import check_ranges
+from ..family import family_of_data
 from ..options import RewardOptions
-from ..rewards.images import ImageRewardModel
-from ..rewards.scoring import RewardFunction, RewardModel, load_reward_function, reward_fingerprints, score_dataset
+from ..rewards.scoring import (
+    RewardFunction,
+    check_rewards,
+    load_reward_function,
+    reward_fingerprints,
+    score_dataset,
+)
 from ..sources import load_model_config
 
 
@@ -40,25 +45,6 @@ class ScoreConfig(RewardOptions):
         )
 
 
-def check_rewards(dataset: Dataset, drop_invalid: bool) -> Dataset:
-    """Stop on a NaN/inf/None reward naming the row, or drop such rows and say how many."""
-    bad = [row for row, value in enumerate(dataset["reward"]) if not math.isfinite(value)]
-    if not bad:
-        return dataset
-    if not drop_invalid:
-        first = dataset[bad[0]]
-        raise StageInputError(
-            f"reward is NaN/inf/None for {len(bad)} row(s); first: row {bad[0]} (prompt_index "
-            f"{first.get('prompt_index')}, sample_index {first.get('sample_index')}, completion "
-            f"{first['completion'][:80]!r}). Fix the reward function or pass --drop_invalid_rewards"
-        )
-    if len(bad) == len(dataset):
-        raise StageInputError(f"every one of the {len(dataset)} rewards is NaN/inf/None: nothing is left to weight")
-    print(f"dropped {len(bad)} of {len(dataset)} rows with a NaN/inf/None reward")
-    keep = sorted(set(range(len(dataset))) - set(bad))
-    return dataset.select(keep)
-
-
 def check_output(config: ScoreConfig) -> None:
     """Refuse an --output_dir that scoring would destroy (`check_output_dir`), before anything is made."""
     check_output_dir(config.output_dir, "scoring", asdict(config), {"--input_dir": config.input_dir})
@@ -77,20 +63,19 @@ def score(config: ScoreConfig) -> Dataset:
         load_model_config("--reward_model", path, config.trust_remote_code)
     # The input's fingerprint ties unfinished shards to the data they scored, the rewards' to the code that scored
     # them: a regenerated input or an edited reward function starts over.
+    # The family's reward models score its completions (text, or a pipeline's images).
+    family = family_of_data(config.input_dir)
     settings = asdict(config) | {
+        "family": family.name,
         "input_fingerprint": dataset._fingerprint,
         "reward_fingerprints": reward_fingerprints(config),
     }
-    # A diffusion pipeline's completions are images: its reward models are image scorers.
-    images = read_sidecars(config.input_dir).get("generation", {}).get("family") == "diffusion"
 
     @functools.cache
     def functions() -> list[RewardFunction]:
         """Loaded on the first shard this process scores: a finished run loads no reward model."""
-        model_class = ImageRewardModel if images else RewardModel
-        return reward_functions + [
-            model_class(path, config.trust_remote_code, state.device) for path in config.reward_model
-        ]
+        models = [family.reward_model(path, config.trust_remote_code, state.device) for path in config.reward_model]
+        return reward_functions + models
 
     def make_shard(rows: range) -> Dataset:
         return score_dataset(dataset.select(rows), functions(), config.reward_weights, config.batch_size, rows.start)

@@ -17,26 +17,17 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import torch
 from datasets import Dataset, load_from_disk
 
-from ..data import check_output_dir, load_stage, process_state, read_sidecars, save_stage
+from ..data import check_output_dir, load_stage, process_state, save_stage
 from ..errors import StageInputError, check_finite
-from ..weights import (
-    SAMPLES_PER_EXP_KL,
-    diagnostics,
-    group_sum,
-    normalize_per_group,
-    prune,
-    samples_needed,
-    solve_coefficient,
-    truncate,
-    uniform_groups,
-)
+from ..evaluation.tables import format_weighting_summary
+from ..family import Family, family_of_data
+from ..weights import SAMPLES_PER_EXP_KL, normalize_per_group, solve_coefficient, weigh
 
 WEIGHTINGS = ("rlhf", "rlif", "rlhf+rlif")
 BETA_SCOPES = ("global", "prompt")
@@ -173,13 +164,13 @@ class WeightConfig:
         """The coefficient a target solves: beta when there is an rlhf term, else the rlif exponent gamma."""
         return "beta" if "rlhf" in self.weighting else "rlif_exponent"
 
-    def required_columns(self, family: str | None = None) -> tuple[str, ...]:
-        """The input's columns this weighting reads; a diffusion model's samples come from pi_ref itself and carry
-        no log-probabilities."""
-        if family == "diffusion":
+    def required_columns(self, family: Family) -> tuple[str, ...]:
+        """The input's columns this weighting reads; a family without likelihoods (diffusion) samples pi_ref itself
+        and its rows carry no log-probabilities."""
+        if not family.has_likelihood:
             if "rlif" in self.weighting:
                 raise StageInputError(
-                    f"--weighting {self.weighting}: RLIF weights by log pi_ref of each sample, which a diffusion "
+                    f"--weighting {self.weighting}: RLIF weights by log pi_ref of each sample, which a {family.name} "
                     "model does not give; use --weighting rlhf"
                 )
             return ("prompt_index", "reward")
@@ -215,20 +206,22 @@ def _column(dataset: Dataset, name: str) -> torch.Tensor:
     return values
 
 
-def proposal_correction(dataset: Dataset) -> torch.Tensor:
-    """log pi_ref - log p per row: zero for a diffusion model's samples, which come from pi_ref itself."""
-    if "ref_logprob" not in dataset.column_names:
+def proposal_correction(dataset: Dataset, family: Family) -> torch.Tensor:
+    """log pi_ref - log p per row: zero for a family without likelihoods, whose samples come from pi_ref itself."""
+    if not family.has_likelihood:
         return torch.zeros(len(dataset), dtype=torch.float64)
     return _column(dataset, "ref_logprob") - _column(dataset, "proposal_logprob")
 
 
-def log_weight_parts(dataset: Dataset, config: WeightConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def log_weight_parts(
+    dataset: Dataset, config: WeightConfig, family: Family
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(correction, offset, statistic) with log w_i = offset_i + s * statistic_i before normalization.
 
     s is the coefficient a target solves for: 1 / beta on the reward when the weighting has an rlhf term, else gamma on
     log pi_ref. The correction log pi_ref - log p is part of the offset, as is the rlif term of rlhf+rlif.
     """
-    correction = proposal_correction(dataset)
+    correction = proposal_correction(dataset, family)
     if "rlhf" not in config.weighting:
         return correction, correction, _column(dataset, "ref_logprob")
     offset = correction
@@ -242,101 +235,6 @@ def given_coefficient(dataset: Dataset, config: WeightConfig) -> torch.Tensor:
     if "rlhf" in config.weighting:
         return torch.tensor(1.0 / config.beta, dtype=torch.float64)
     return rlif_exponents(config, torch.tensor(dataset["num_tokens"]))
-
-
-def unnormalized_log_weights(dataset: Dataset, config: WeightConfig) -> torch.Tensor:
-    """log w_i before normalization, including the proposal correction log pi_ref - log p."""
-    _, offset, statistic = log_weight_parts(dataset, config)
-    return offset + given_coefficient(dataset, config) * statistic
-
-
-def beta_sweep(dataset: Dataset, betas: Sequence[float]) -> dict[str, list[float]]:
-    """Prompt-averaged plug-in KL(pi* || pi_ref) and ESS / N of rlhf weights at each beta (for plots and choosing)."""
-    group = torch.tensor(dataset["prompt_index"], dtype=torch.long)
-    correction, offset, reward = log_weight_parts(dataset, WeightConfig("", "", "rlhf", beta=1.0))
-    reference_log_weight = normalize_per_group(correction, group)
-    curve = {"beta": [], "kl_ref_estimate": [], "ess_fraction": []}
-    for beta in betas:
-        weight = normalize_per_group(offset + reward / beta, group).exp()
-        metrics = diagnostics(weight, group, reference_log_weight)
-        present = metrics["count"] > 0
-        curve["beta"].append(float(beta))
-        curve["kl_ref_estimate"].append(float(metrics["kl_ref_estimate"][present].mean()))
-        curve["ess_fraction"].append(float((metrics["ess"] / metrics["count"].clamp(min=1))[present].mean()))
-    return curve
-
-
-def summarize(per_prompt: dict[str, torch.Tensor]) -> dict[str, float]:
-    present = per_prompt["count"] > 0
-    ess, kl_estimate = per_prompt["ess"][present], per_prompt["kl_estimate"][present]
-    count = per_prompt["count"][present]
-    # Uniform weights (KL 0: constant rewards, say) are estimated exactly, however few the samples.
-    near_ceiling = (kl_estimate > count.log() - math.log(SAMPLES_PER_EXP_KL)) & (kl_estimate > 1e-9)
-    return {
-        "num_prompts": int(present.sum()),
-        "num_samples": int(count.sum()),
-        "ess_min": float(ess.min()),
-        "ess_median": float(ess.quantile(0.5)),
-        "kl_estimate_mean": float(kl_estimate.mean()),
-        "kl_estimate_max": float(kl_estimate.max()),
-        "kl_ref_estimate_mean": float(per_prompt["kl_ref_estimate"][present].mean()),
-        "share_ess_below_2": float((ess < 2).double().mean()),
-        "max_weight_max": float(per_prompt["max_weight"][present].max()),
-        "prompts_near_kl_ceiling": int(near_ceiling.sum()),
-        "samples_needed": samples_needed(float(kl_estimate[near_ceiling].max())) if near_ceiling.any() else None,
-    }
-
-
-def _mass_summary(name: str, removed: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
-    """Mean and largest weight mass per prompt that a truncation or pruning step moved."""
-    per_prompt = group_sum(removed, group, int(group.max()) + 1)[group.unique()]
-    return {f"{name}_mass_mean": float(per_prompt.mean()), f"{name}_mass_max": float(per_prompt.max())}
-
-
-def format_summary(summary: dict) -> str:
-    rows = [("prompts", f"{summary['num_prompts']}"), ("samples", f"{summary['num_samples']}")]
-    if summary.get("beta_scope") == "prompt":
-        rows.append(
-            (
-                f"{summary['solved']} per prompt min / median / max",
-                f"{summary['solved_min']:.4g} / {summary[summary['solved']]:.4g} / {summary['solved_max']:.4g}",
-            )
-        )
-    elif "solved" in summary:
-        rows.append((f"{summary['solved']} (solved)", f"{summary[summary['solved']]:.4g}"))
-    rows += [
-        ("ESS min / median", f"{summary['ess_min']:.2f} / {summary['ess_median']:.2f}"),
-        (
-            "KL estimate mean / max",
-            f"{summary['kl_estimate_mean']:.3f} / {summary['kl_estimate_max']:.3f} nats",
-        ),
-        ("KL to pi_ref estimate mean", f"{summary['kl_ref_estimate_mean']:.3f} nats"),
-        ("prompts with ESS < 2", f"{100 * summary['share_ess_below_2']:.1f}%"),
-        ("largest weight", f"{summary['max_weight_max']:.3f}"),
-    ]
-    if "truncated_mass_mean" in summary:
-        rows.append(
-            (
-                "mass truncated mean / max",
-                f"{summary['truncated_mass_mean']:.4f} / {summary['truncated_mass_max']:.4f} per prompt",
-            )
-        )
-    if "pruned_mass_mean" in summary:
-        rows.append(
-            (
-                "pruned samples (mass mean / max)",
-                f"{summary['pruned_samples']} ({summary['pruned_mass_mean']:.2e} / {summary['pruned_mass_max']:.2e})",
-            )
-        )
-    if "dropped_uniform_prompts" in summary:
-        rows.append(("prompts dropped (uniform weights)", str(summary["dropped_uniform_prompts"])))
-    return format_rows(rows)
-
-
-def format_rows(rows: list[tuple[str, str]]) -> str:
-    """Label / value lines with the values aligned."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 def smaller_kl_advice(config: WeightConfig) -> str:
@@ -369,14 +267,14 @@ def warnings_for(summary: dict, config: WeightConfig) -> list[str]:
     return messages
 
 
-def weight_dataset(dataset: Dataset, config: WeightConfig) -> tuple[Dataset, dict]:
+def weight_dataset(dataset: Dataset, config: WeightConfig, family: Family) -> tuple[Dataset, dict]:
     """Add `log_weight`, `weight` and the per-prompt `ess`, `kl_estimate`, `kl_ref_estimate`, `max_weight` columns.
 
     With a target, the coefficient is solved first (and written per prompt under --beta_scope prompt); truncation
     and pruning then act on the normalized weights, and the pruned rows are dropped.
     """
     group = torch.tensor(dataset["prompt_index"], dtype=torch.long)
-    correction, offset, statistic = log_weight_parts(dataset, config)
+    correction, offset, statistic = log_weight_parts(dataset, config, family)
     reference_log_weight = normalize_per_group(correction, group)
     summary: dict = {}
     if config.target is None:
@@ -402,40 +300,14 @@ def weight_dataset(dataset: Dataset, config: WeightConfig) -> tuple[Dataset, dic
                 "solved_max": float(present_values.max()),
                 "prompts_out_of_reach": int((~reached[present]).sum()),
             }
-    log_weight = normalize_per_group(offset + coefficient * statistic, group)
-    weight = log_weight.exp()
-    kept = torch.ones_like(weight, dtype=torch.bool)
-    if config.drop_uniform_prompts:
-        uniform = uniform_groups(weight, group)
-        if uniform[group].all():
-            raise StageInputError(
-                f"--drop_uniform_prompts: the weights of all {len(group.unique())} prompts are uniform (each "
-                "prompt's samples tied), so nothing is left to train on; drop the flag, or sample more completions "
-                "per prompt (--num_samples) so that some differ"
-            )
-        kept = ~uniform[group]
-        summary["dropped_uniform_prompts"] = int(uniform[group.unique()].sum())
-    if config.max_weight_ratio is not None:
-        truncated = truncate(weight, group, config.max_weight_ratio)
-        summary |= _mass_summary("truncated", (weight - truncated).clamp(min=0), group)
-        weight = truncated
-    if config.min_weight > 0:
-        pruned, above_minimum = prune(weight, group, config.min_weight)
-        kept &= above_minimum
-        summary |= _mass_summary("pruned", torch.where(above_minimum, 0.0, weight), group)
-        summary["pruned_samples"] = int((~above_minimum).sum())
-        weight = pruned
-    if config.max_weight_ratio is not None or config.min_weight > 0:
-        log_weight = weight.log()
-    per_prompt = diagnostics(weight, group, reference_log_weight)
-    columns = {
-        "log_weight": log_weight,
-        "weight": weight,
-        "ess": per_prompt["ess"][group],
-        "kl_estimate": per_prompt["kl_estimate"][group],
-        "kl_ref_estimate": per_prompt["kl_ref_estimate"][group],
-        "max_weight": per_prompt["max_weight"][group],
-    }
+    columns, kept, weighing = weigh(
+        offset + coefficient * statistic,
+        group,
+        reference_log_weight,
+        config.drop_uniform_prompts,
+        config.max_weight_ratio,
+        config.min_weight,
+    )
     if config.target is not None and config.beta_scope == "prompt":
         columns[config.solved_name] = solved_values[group]
     for name, values in columns.items():
@@ -444,7 +316,7 @@ def weight_dataset(dataset: Dataset, config: WeightConfig) -> tuple[Dataset, dic
         dataset = dataset.add_column(name, values.tolist())
     if not kept.all():
         dataset = dataset.select(torch.nonzero(kept).squeeze(1).tolist())
-    return dataset, summarize(per_prompt) | summary | {"num_samples": len(dataset)}
+    return dataset, summary | weighing | {"num_samples": len(dataset)}
 
 
 def check_output(config: WeightConfig) -> None:
@@ -462,13 +334,14 @@ def weight(config: WeightConfig) -> Dataset:
     check_output(config)
     if state.is_main_process:
         hint = "rlhf weighting needs `rlfree score` output." if "rlhf" in config.weighting else ""
-        family = read_sidecars(config.input_dir).get("generation", {}).get("family")
+        family = family_of_data(config.input_dir)
         dataset = load_stage(config.input_dir, config.required_columns(family), hint=hint, stage="weighting")
-        dataset, summary = weight_dataset(dataset, config)
-        print(f"weighting {config.weighting}:\n{format_summary(summary)}")
+        dataset, summary = weight_dataset(dataset, config, family)
+        print(f"weighting {config.weighting}:\n{format_weighting_summary(summary)}")
         for message in warnings_for(summary, config):
             print(f"warning: {message}", file=sys.stderr)
-        save_stage(dataset, config.output_dir, "weighting", asdict(config) | summary, input_dir=config.input_dir)
+        settings = asdict(config) | {"family": family.name} | summary
+        save_stage(dataset, config.output_dir, "weighting", settings, input_dir=config.input_dir)
     state.wait_for_everyone()
     return load_from_disk(config.output_dir)
 

@@ -8,7 +8,7 @@ computation: the HF backend's sampling pass over the stage's own float32 model a
 log-softmax up to KV-cache rounding (`model_token_logprobs`). Samples depend only on (seed, prompt index, sample index),
 never on batching.
 
-A new backend is one module here plus one entry in `BACKENDS`.
+A new backend is one module here plus one entry in `rlfree.options.BACKENDS`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ...options import BACKENDS
 
 if TYPE_CHECKING:
     from ...options import SamplerOptions
@@ -64,11 +66,8 @@ class SamplingBackend(Protocol):
     def close(self) -> None: ...
 
 
-# name -> "module:class"; imported only when chosen, so `hf` never imports vLLM.
-BACKENDS = {"hf": "rlfree.lm.backends.hf:HFBackend", "vllm": "rlfree.lm.backends.vllm:VLLMBackend"}
-
-
 def load_backend(model: BackendModel, sampler: SamplerOptions, eos_token_ids: list[int]) -> SamplingBackend:
-    """The backend `sampler.backend`, constructed for this model and these sampler settings."""
+    """The backend `sampler.backend`, constructed for this model and these sampler settings; imported only when
+    chosen, so `hf` never imports vLLM."""
     module_name, class_name = BACKENDS[sampler.backend].split(":")
     return getattr(importlib.import_module(module_name), class_name)(model, sampler, eos_token_ids)

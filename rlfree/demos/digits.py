@@ -12,24 +12,21 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import load_from_disk
 
-from ..lm.trainer import RLFreeConfig
+from ..diffusion import toy
 from ..stages.checks import check_outputs
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
-from ..stages.train import ModelConfig, train
+from ..stages.train import train
 from ..stages.weight import WeightConfig, weight
-from . import toy
+from ..training import ModelConfig, RLFreeConfig
+from . import DemoConfig
 
-if TYPE_CHECKING:
-    from ..toy.demo import DemoConfig
-
-REWARD = "rlfree.diffusion.demo:ink_reward"
+REWARD = "rlfree.demos.digits:ink_reward"
 # Sized to finish in a few minutes on 2 CPU cores; the base's steps are most of it.
 BASE_STEPS, BASE_BATCH = 1500, 128
 SAMPLES_PER_DIGIT, INFERENCE_STEPS = 32, 50
@@ -118,8 +115,9 @@ def stage_configs(config: DemoConfig, out: Path) -> dict[str, tuple]:
     }
 
 
-def run_digits_demo(config: DemoConfig) -> dict[str, float]:
-    """Run the diffusion demo end to end; returns its figures (mean ink before, after, and pi*'s estimate)."""
+def run_digits_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
+    """Run the diffusion demo end to end; returns the mean ink per model: the base, the fine-tuned pipeline, and pi*
+    as estimated from the weighted base samples."""
     start = time.time()
     out = Path(config.output_dir)
     stages = stage_configs(config, out)
@@ -145,16 +143,17 @@ def run_digits_demo(config: DemoConfig) -> dict[str, float]:
     after = score(*stages["after_score"])
     reward, weights = np.array(weighted["reward"]), np.array(weighted["weight"])
     figures = {
-        "mean_ink_before": float(reward.mean()),
-        "mean_ink_after": float(np.mean(after["reward"])),
+        "base (before)": {"mean_ink": float(reward.mean())},
+        "rlfree (after)": {"mean_ink": float(np.mean(after["reward"]))},
         # Self-normalized within each digit, summed over digits: the weights estimate E_pi*[r] per digit.
-        "mean_ink_target_estimate": float((weights * reward).sum() / 10),
+        "pi* (estimate)": {"mean_ink": float((weights * reward).sum() / 10)},
     }
     save_comparison(out / "scored", out / "after_scored", out / "digits.png")
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "results": figures}, indent=2) + "\n")
+    before, after_ink, target = (figures[name]["mean_ink"] for name in figures)
     print(
-        f"\nmean ink: base {figures['mean_ink_before']:.3f} -> fine-tuned {figures['mean_ink_after']:.3f} "
-        f"(pi* at beta {config.beta}, estimated from the weighted base samples: {figures['mean_ink_target_estimate']:.3f})"
+        f"\nmean ink: base {before:.3f} -> fine-tuned {after_ink:.3f} "
+        f"(pi* at beta {config.beta}, estimated from the weighted base samples: {target:.3f})"
     )
     print(f"plot: {out / 'digits.png'}   grids: {out / 'after' / 'grids'}   took {time.time() - start:.0f} s")
     return figures

@@ -1,177 +1,33 @@
-"""Pieces every stage shares: loading a model, batching prompt+completion ids, and sequence log-probabilities.
+"""Sequence log-probabilities of completions: the one computation behind `ref_logprob` and the training loss.
 
-Generation (for `ref_logprob`) and training (for the loss) both read log pi(o|q) through `completion_logprobs`,
-so the number the weights were computed from and the number the trainer maximizes are the same computation.
+Generation (for `ref_logprob`) and training (for the loss) both read log pi(o|q) here, so the number the weights were
+computed from and the number the trainer maximizes are the same computation. What a model's architecture allows (a
+chunked lm_head, packed rows) is decided once per model and remembered here, beside the model, not on it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
+import weakref
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import StageInputError
-from ..sources import model_folder, same_source
+from ..training import DEFAULT_LOGITS_CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(name_or_path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+# Per model (the unwrapped transformers module), verdicts that hold for its architecture: "projection" (our chunked
+# lm_head reproduces its logits), "full_logits" (it must use the full-logits path), "packing" (packed rows stay apart).
+_VERDICTS: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str | torch.dtype:
-    """`auto` keeps the checkpoint's dtype on GPU but means float32 on CPU, where bf16 is slow and imprecise."""
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else "auto"
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-    return getattr(torch, dtype)
-
-
-def load_causal_lm(
-    name_or_path: str,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    device: torch.device | None = None,
-) -> PreTrainedModel:
-    """A causal LM from a local folder, a GGUF file (`model_folder`) or the Hub, in eval mode on `device` (CUDA when
-    present).
-
-    A local PEFT adapter folder (what `rlfree train --use_peft` saves) loads as its base model wrapped in the adapter:
-    peft's own loader, since transformers' built-in one asks for a newer peft than the package index has."""
-    device = device or default_device()
-    base = adapter_base(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_folder(base or name_or_path), dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
-    )
-    if base is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, name_or_path)
-    return model.to(device).eval()
-
-
-def adapter_base(name_or_path: str) -> str | None:
-    """The base model a local PEFT adapter folder was trained on, else None."""
-    config = Path(name_or_path) / "adapter_config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("base_model_name_or_path")
-
-
-class AdapterOff:
-    """pi_ref served by the weights of a PEFT-adapted model with its adapter disabled (as RLG's code does with
-    `disable_adapter()`): the tuned model and its base share one set of base weights in memory.
-
-    Code that runs pi_ref goes through `as_reference`, which switches the adapter off for the duration."""
-
-    def __init__(self, model):
-        self.model = model
-
-
-@contextlib.contextmanager
-def as_reference(ref_model) -> Iterator[PreTrainedModel]:
-    """The model to run as pi_ref: `ref_model` itself, or the adapted model with its adapter off until the block ends."""
-    if not isinstance(ref_model, AdapterOff):
-        yield ref_model
-        return
-    with ref_model.model.disable_adapter():
-        yield ref_model.model
-
-
-def load_reference(
-    ref_path: str, model: PreTrainedModel, model_path: str, dtype: str, trust_remote_code: bool, device
-) -> PreTrainedModel | AdapterOff:
-    """--ref_model beside an already loaded --model_name_or_path: when that is a PEFT adapter on this very reference,
-    the adapted model with its adapter off (one copy of the base weights), else the reference loaded on its own."""
-    base = adapter_base(model_path)
-    if base is not None and same_source(base, ref_path):
-        return AdapterOff(model)
-    return load_causal_lm(ref_path, dtype, trust_remote_code, device)
-
-
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """All ids that end a completion: the generation config's (it may list several) or the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the model has no eos_token_id in its generation config and the tokenizer has none either")
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def pad_prompt_completion(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    pad_token_id: int,
-    max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `completion_mask` (1 on completion tokens only).
-
-    Right padding keeps the default position ids correct, so one forward pass reads the same distribution the
-    sampler saw. With `max_length`, completions are cut on the right, never the prompt.
-    """
-    rows, masks = _join_prompt_completion(prompt_ids, completion_ids, max_length)
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        completion_mask[i, : len(row)] = torch.tensor(mask)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-
-
-def flatten_prompt_completion(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """All prompt+completion sequences back to back in one row: `input_ids`, `position_ids`, `completion_mask`.
-
-    No padding and no attention mask, as transformers' `DataCollatorWithFlattening` does: `position_ids` restart at 0
-    at each sequence, and that restart is what makes transformers build a block-diagonal causal mask (sdpa, eager,
-    flex) or call flash-attention's varlen kernels, and what `completion_logprobs` sums per sequence by. Completions
-    are cut to `max_length` as in `pad_prompt_completion`.
-    """
-    rows, masks = _join_prompt_completion(prompt_ids, completion_ids, max_length)
-    if not all(rows):
-        raise ValueError("a sequence with neither prompt nor completion tokens cannot be packed")
-    return {
-        "input_ids": torch.tensor([[token for row in rows for token in row]], dtype=torch.long),
-        "position_ids": torch.tensor([[position for row in rows for position in range(len(row))]], dtype=torch.long),
-        "completion_mask": torch.tensor([[flag for mask in masks for flag in mask]], dtype=torch.long),
-    }
-
-
-def _join_prompt_completion(
-    prompt_ids: list[list[int]], completion_ids: list[list[int]], max_length: int | None
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Each prompt+completion as one list of ids, and its completion mask; `max_length` cuts completions only."""
-    rows, masks = [], []
-    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-        if max_length is not None:
-            completion = completion[: max(0, max_length - len(prompt))]
-        rows.append(list(prompt) + list(completion))
-        masks.append([0] * len(prompt) + [1] * len(completion))
-    return rows, masks
+def verdicts(model: torch.nn.Module) -> set[str]:
+    """What has been established about `model`'s architecture so far (see `_VERDICTS`)."""
+    return _VERDICTS.setdefault(unwrap(model), set())
 
 
 def _scored_tokens(
@@ -231,9 +87,6 @@ def completion_logprobs(
     # let -inf * 0 on padding turn into NaN.
     token_logprobs = torch.where(mask.bool(), token_logprobs, torch.zeros_like(token_logprobs))
     return token_logprobs.sum(-1)
-
-
-DEFAULT_LOGITS_CHUNK_SIZE = 1024
 
 
 def model_completion_logprobs(
@@ -312,11 +165,11 @@ def model_completion_logprobs(
     with torch.no_grad():
         # Guard, on a model's first call: our projection of the last position must be the model's own logits there,
         # else fall back for good. A logit transform is part of the architecture, so one verdict per model holds.
-        reproduces = getattr(base, "_rlfree_projection_checked", False) or torch.allclose(
+        reproduces = "projection" in verdicts(base) or torch.allclose(
             project(hidden[:, -1:]).float(), outputs.logits[:, -1:].float(), rtol=1e-3, atol=1e-3
         )
         if hidden.shape[:2] != input_ids.shape or not reproduces:
-            base._rlfree_full_logits = True
+            verdicts(base).add("full_logits")
             logger.warning(
                 "%s: projecting hidden states through the output embeddings does not reproduce the model's logits "
                 "(a logit scale or cap?); using full logits",
@@ -325,7 +178,7 @@ def model_completion_logprobs(
             return model_completion_logprobs(
                 model, input_ids, attention_mask, completion_mask, processor_sets, None, position_ids, per_token
             )
-    base._rlfree_projection_checked = True
+    verdicts(base).add("projection")
     del outputs
 
     # Position t-1 scores token t; only completion tokens are scored.
@@ -378,12 +231,12 @@ def _needs_full_logits(model, base) -> bool:
     unit's forward ends, so under FSDP the projection would read freed weights (seen on an H100 with
     launch/fsdp2.yaml: an illegal memory access in the second step). FSDP therefore uses the full-logits path.
     """
-    if getattr(base, "_rlfree_full_logits", False):
+    if "full_logits" in verdicts(base):
         return True
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(model, (FSDPModule, FullyShardedDataParallel)) or isinstance(base, FSDPModule):
-        base._rlfree_full_logits = True
+        verdicts(base).add("full_logits")
         logger.warning("%s is sharded by FSDP: using full logits (no chunked lm_head)", type(base).__name__)
         return True
     return False
@@ -421,7 +274,7 @@ def check_packing(model, device: torch.device) -> None:
     same verdict.
     """
     base = unwrap(model)
-    if getattr(base, "_rlfree_packing_checked", False):
+    if "packing" in verdicts(base):
         return
     name = type(base).__name__
     if not _takes(base, "position_ids"):
@@ -455,4 +308,4 @@ def check_packing(model, device: torch.device) -> None:
             f"each other (packed vs alone logits differ by {error:.3g}, joined by {leak:.3g}); use sdpa, "
             "eager or flash_attention_2, or train with padded batches (drop --padding_free)"
         )
-    base._rlfree_packing_checked = True
+    verdicts(base).add("packing")

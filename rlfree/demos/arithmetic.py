@@ -1,4 +1,5 @@
-"""`rlfree demo`: the whole pipeline, offline, on a task whose every output can be enumerated.
+"""`rlfree demo` (the default, `--family lm`): the whole pipeline, offline, on a task whose every output can be
+enumerated.
 
 A tiny Llama is trained for seconds to add single digits, imperfectly: that is pi_ref. The demo then runs
 generate -> score -> weight -> train through the same functions the CLI calls, and compares the reference, the
@@ -9,86 +10,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
 
 from .. import toy
-from ..errors import check_choice, check_finite, check_ranges
-from ..lm.modeling import load_causal_lm
-from ..lm.trainer import RLFreeConfig
+from ..lm.loading import load_causal_lm
 from ..stages.checks import check_outputs
 from ..stages.generate import GenerateConfig, generate
 from ..stages.score import ScoreConfig, score
-from ..stages.train import ModelConfig, train
+from ..stages.train import train
 from ..stages.weight import WeightConfig, weight
+from ..training import ModelConfig, RLFreeConfig
+from . import DemoConfig
 
 REWARD = "rlfree.toy:arithmetic_reward"
-
-
-@dataclass
-class DemoConfig:
-    """Settings of `rlfree demo` (defaults finish in a few minutes on a 2-core CPU)."""
-
-    output_dir: str = field(default="demo_output", metadata={"help": "Where every stage's output is written."})
-    family: str = field(
-        default="lm",
-        metadata={
-            "help": "lm: the exact toy LM task; diffusion: reward-weighted fine-tuning of a class-conditional UNet on "
-            "scikit-learn's 8x8 digits (the other flags but --beta and --seed are the LM demo's).",
-            "choices": ("lm", "diffusion"),
-        },
-    )
-    weighting: str = field(default="rlhf", metadata={"help": "rlhf or rlif.", "choices": ("rlhf", "rlif")})
-    beta: float | None = field(
-        default=None,
-        metadata={"help": "KL coefficient of the rlhf target (default 0.5; 0.02 for the diffusion demo)."},
-    )
-    rlif_exponent: float = field(default=1.0, metadata={"help": "gamma of the rlif target pi_ref^(1 + gamma)."})
-    num_prompts: int = field(default=16, metadata={"help": "Addition prompts a + b = (at most 100)."})
-    num_samples: int = field(default=256, metadata={"help": "Completions sampled per prompt."})
-    max_new_tokens: int = field(default=3, metadata={"help": "Completion length cap (enumeration grows as 13^T)."})
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Sampling temperature of the generate stage; != 1 is corrected for in the weights."},
-    )
-    # 8 epochs at 1e-3, not 4 at 2e-3: the shorter, steeper schedule ended wherever its trajectory happened to go,
-    # so a rounding difference (thread count, CPU kernels, torch version) or another shuffling seed moved the
-    # demo's KL(pi* || trained) between 1.8% and 5.3% of pi_ref's; this one stays within 1.7-1.9% (README, demo).
-    num_train_epochs: float = field(default=8, metadata={"help": "Epochs of weighted MLE."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of weighted MLE."})
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Sequences per optimizer step."})
-    seed: int = field(default=0, metadata={"help": "Seed of the reference model, the prompts and the sampler."})
-
-    def __post_init__(self):
-        check_finite(self)
-        check_choice("--family", self.family, ("lm", "diffusion"))
-        check_choice("--weighting", self.weighting, ("rlhf", "rlif"))
-        if self.beta is None:
-            self.beta = 0.02 if self.family == "diffusion" else 0.5
-        # Checked here, not by the stages: the demo trains its reference model before the first stage runs.
-        check_ranges(
-            self,
-            {
-                "num_prompts": (
-                    1 <= self.num_prompts <= toy.NUM_PROMPTS,
-                    f"in 1..{toy.NUM_PROMPTS} (the task has no more)",
-                ),
-                "num_samples": (self.num_samples >= 1, ">= 1"),
-                "max_new_tokens": (
-                    1 <= self.max_new_tokens <= 5,
-                    "in 1..5 (the exact sums enumerate 13^T completions)",
-                ),
-                "beta": (self.beta > 0, "> 0"),
-                "rlif_exponent": (self.rlif_exponent > -1, "> -1"),
-                "temperature": (self.temperature > 0, "> 0"),
-                "num_train_epochs": (self.num_train_epochs > 0, "> 0"),
-                "learning_rate": (self.learning_rate > 0, "> 0"),
-                "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
-            },
-        )
 
 
 def exact_report(logprobs: torch.Tensor, reference: dict) -> dict[str, float]:
@@ -185,12 +123,8 @@ def stage_configs(config: DemoConfig, out: Path) -> dict[str, tuple]:
     return stages
 
 
-def run_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
+def run_arithmetic_demo(config: DemoConfig) -> dict[str, dict[str, float]]:
     """Run the demo end to end; returns the exact figures per model (pi_ref, trained, pi*)."""
-    if config.family == "diffusion":
-        from ..diffusion.demo import run_digits_demo
-
-        return run_digits_demo(config)
     start = time.time()
     out = Path(config.output_dir)
     stages = stage_configs(config, out)

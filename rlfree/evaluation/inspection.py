@@ -20,8 +20,10 @@ from datasets import Dataset, Value
 
 from ..data import check_writable, load_stage, read_sidecars
 from ..errors import StageInputError
-from ..stages.weight import WeightConfig, beta_sweep, format_rows
-from ..weights import diagnostics
+from ..stages.weight import WeightConfig
+from ..weights import beta_sweep, diagnostics
+from .plots import draw_beta_curve, draw_ess, draw_histogram, save_plot
+from .tables import format_number, format_rows, format_table
 
 MIN_MEDIAN_MAX = ("min", "median", "max")
 STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
@@ -208,68 +210,15 @@ def summarize(
     ]
     if all(name in columns for name in BETA_CURVE_COLUMNS):
         scale = reward_scale(columns["reward"], groups)
-        curve = beta_sweep(dataset, beta_grid(scale, config.num_betas, used_beta(report)))
+        correction = torch.tensor(columns["ref_logprob"] - columns["proposal_logprob"], dtype=torch.float64)
+        group = torch.tensor(columns["prompt_index"], dtype=torch.long)
+        reward = torch.tensor(columns["reward"], dtype=torch.float64)
+        curve = beta_sweep(correction, reward, group, beta_grid(scale, config.num_betas, used_beta(report)))
         report["beta_curve"] = {"reward_scale": scale} | {name: list(values) for name, values in curve.items()}
     return report
 
 
 # --- plots -----------------------------------------------------------------------------------------------------------
-
-
-def save_plot(path: Path, draw: Callable[[Any], None]) -> str:
-    """Draw on one fresh set of axes and write it as a PNG (matplotlib is imported only when plotting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    draw(axes)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
-
-
-def draw_histogram(axes, values: np.ndarray, xlabel: str, title: str, log_y: bool = False) -> None:
-    axes.hist(values, bins=50, color="#3b7dd8")
-    if log_y:
-        axes.set_yscale("log")
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("samples")
-    axes.set_title(title)
-
-
-def draw_ess(axes, ess: np.ndarray, count: np.ndarray) -> None:
-    order = np.argsort(ess, kind="stable")
-    positions = np.arange(len(ess))
-    axes.plot(positions, ess[order], ".", color="#3b7dd8", label="ESS = 1 / sum w^2")
-    axes.plot(positions, count[order], "-", color="#999999", label="N (samples of the prompt)")
-    axes.set_ylim(bottom=0)
-    axes.set_xlabel("prompts, sorted by ESS")
-    axes.set_ylabel("effective sample size")
-    axes.set_title("ESS per prompt")
-    axes.legend()
-
-
-def draw_beta_curve(axes, curve: dict[str, list[float]], beta: float | None) -> None:
-    kl_color, ess_color = "#3b7dd8", "#d8743b"
-    axes.plot(curve["beta"], curve["kl_ref_estimate"], color=kl_color)
-    axes.set_xscale("log")
-    axes.set_xlabel("beta")
-    axes.set_ylabel("plug-in KL(pi* || pi_ref), nats (mean over prompts)", color=kl_color)
-    twin = axes.twinx()
-    twin.plot(curve["beta"], curve["ess_fraction"], color=ess_color)
-    twin.set_ylim(0, 1.02)
-    twin.set_ylabel("ESS / N (mean over prompts)", color=ess_color)
-    if beta is not None:
-        at = curve["beta"].index(beta)
-        axes.axvline(beta, color="#999999", linestyle=":")
-        axes.plot(beta, curve["kl_ref_estimate"][at], "o", color=kl_color)
-        twin.plot(beta, curve["ess_fraction"][at], "o", color=ess_color)
-    axes.set_title(
-        "beta: KL to pi_ref vs effective sample size" + (f" (dotted: beta = {beta:.4g})" if beta is not None else "")
-    )
 
 
 def write_plots(
@@ -303,18 +252,6 @@ LABELS = {
     "beta": "beta",
     "rlif_exponent": "gamma",
 }
-
-
-def format_number(value: float) -> str:
-    return f"{value:.4g}"
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    return "\n".join(
-        "  " + "  ".join(f"{cell:>{width}}" for cell, width in zip(line, widths, strict=True))
-        for line in [header, *rows]
-    )
 
 
 def statistics_row(label: str, statistics: dict[str, float]) -> tuple[str, str]:
