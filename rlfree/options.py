@@ -1,13 +1,13 @@
 """Option groups several commands share, composed into each command's config by inheritance (never copied).
 
 `HfArgumentParser` turns every field into a flag, so a command's config is its own fields plus the groups it
-inherits: `class GenerateConfig(SamplerOptions, PromptOptions, LoadOptions)`. Each group validates its own fields in
+inherits: `class GenerationSettings(SamplerOptions, PromptOptions, LoadOptions)`. Each group validates its own fields in
 `__post_init__`; a config that overrides `__post_init__` calls `super().__post_init__()`. The groups are keyword-only,
 so a command's own fields (a plain dataclass) stay positional, in their order, ahead of them:
-`GenerateConfig("model", "prompts.jsonl", "out")` still works.
-
-Nothing here knows a model family: a check that depends on the family is the family's (`rlfree.family`). What a command's positional fields mean differs per
+`GenerateConfig("model", "prompts.jsonl", "out")` still works. What a command's positional fields mean differs per
 command (the model sampled, evaluated or trained), so each declares them, with the shared help from `*_field()`.
+
+Nothing here knows a model family: a check that depends on the family is the family's (`rlfree.family`).
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from ..options import (
     required_output_dir_field,
 )
 from ..samplers import sampler_named
-from ..stages.generate import GenerateConfig, generate
-from ..stages.score import ScoreConfig, score
+from ..stages.generate import generate, generate_config
+from ..stages.score import score, score_config
 from .inspection import PromptGroups, read_columns
 from .plots import draw_rewards, save_plot
 from .tables import format_number, format_rows, format_table
@@ -359,26 +359,8 @@ def sample_and_score(config: EvaluateConfig) -> Dataset:
         check_sampler_prompts(samples, read_sidecars(samples)["sampling"], config)
     else:
         samples = output / "samples"
-        generate(
-            GenerateConfig(
-                **options_of(LoadOptions, config)
-                | options_of(PromptOptions, config)
-                | options_of(SamplerOptions, config),
-                model_name_or_path=config.model_name_or_path,
-                prompts=config.prompts,
-                output_dir=str(samples),
-                ref_model=config.ref_model,
-                num_samples=config.num_samples,
-            )
-        )
-    return score(
-        ScoreConfig(
-            **options_of(RewardOptions, config),
-            input_dir=str(samples),
-            output_dir=str(output / "scored"),
-            batch_size=config.batch_size,
-        )
-    )
+        generate(generate_config(config, str(samples), config.num_samples, ref_model=config.ref_model))
+    return score(score_config(config, samples, output / "scored"))
 
 
 def evaluate_model(config: EvaluateConfig) -> tuple[Dataset, dict[str, Any]]:

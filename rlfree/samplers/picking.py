@@ -10,10 +10,9 @@ import torch
 from datasets import Dataset
 
 from ..data import process_state, save_stage
-from ..options import LoadOptions, PromptOptions, SamplerOptions, options_of
 from ..seeds import pick_uniforms
 from ..sources import content_fingerprint
-from ..stages.generate import GenerateConfig
+from ..stages.generate import GenerateConfig, generate_config
 from ..weights import group_sum, normalize_per_group, pick
 from .base import SampleSettings
 
@@ -99,11 +98,6 @@ def save_picks(picked: Dataset, config: SampleSettings, sampler: str, input_dir:
 
 def candidates_config(config: SampleSettings, num_candidates: int, **extra) -> GenerateConfig:
     """The `generate` stage that draws a sampler's `num_picks`·N candidates per prompt into output_dir/candidates."""
-    return GenerateConfig(
-        **options_of(LoadOptions, config) | options_of(PromptOptions, config) | options_of(SamplerOptions, config),
-        model_name_or_path=config.model_name_or_path,
-        prompts=config.prompts,
-        output_dir=str(Path(config.output_dir) / "candidates"),
-        num_samples=config.num_picks * num_candidates,
-        **extra,
+    return generate_config(
+        config, str(Path(config.output_dir) / "candidates"), config.num_picks * num_candidates, **extra
     )

@@ -14,9 +14,9 @@ from datasets import Dataset
 
 from ..data import check_output_dir
 from ..errors import StageInputError
-from ..options import Options, RewardOptions, options_of
+from ..options import Options
 from ..stages.generate import generate
-from ..stages.score import ScoreConfig, score
+from ..stages.score import score, score_config
 from ..stages.weight import proposal_correction
 from ..weights import pick_log_weights
 from .base import Sampler, SampleSettings
@@ -51,14 +51,7 @@ class SoftBestOfN(Sampler):
         root, n = Path(config.output_dir), config.soft_best_of_n
         check_output_dir(root / "picked", "sampling", asdict(config), {})
         generate(candidates_config(config, n))
-        scored = score(
-            ScoreConfig(
-                **options_of(RewardOptions, config),
-                input_dir=str(root / "candidates"),
-                output_dir=str(root / "scored"),
-                batch_size=config.batch_size,
-            )
-        )
+        scored = score(score_config(config, root / "candidates", root / "scored"))
         correction = proposal_correction(scored, config.family)
         reward = torch.tensor(scored["reward"], dtype=torch.float64)
         _, group = candidate_groups(scored, n, config.num_picks)

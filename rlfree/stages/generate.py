@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from datasets import Dataset
 
 from ..data import check_output_dir, folder_stamp
 from ..family import Family, family_of_model
-from ..options import GenerationSettings
+from ..options import GenerationSettings, LoadOptions, PromptOptions, SamplerOptions, options_of
 from ..sources import content_fingerprint
 
 
@@ -34,6 +35,20 @@ class GenerateConfig(GenerationSettings):
     def family(self) -> Family:
         """The model's family, resolved once (a Hub id is looked up once per process)."""
         return family_of_model(self.model_name_or_path)
+
+
+def generate_config(source: Any, output_dir: str, num_samples: int, **fields: Any) -> GenerateConfig:
+    """The `generate` stage another command runs (a sampler's candidates, an evaluation's samples): `source`'s model,
+    prompts, and loading, prompt and sampler flags."""
+    shared = options_of(LoadOptions, source) | options_of(PromptOptions, source) | options_of(SamplerOptions, source)
+    return GenerateConfig(
+        **shared,
+        model_name_or_path=source.model_name_or_path,
+        prompts=source.prompts,
+        output_dir=output_dir,
+        num_samples=num_samples,
+        **fields,
+    )
 
 
 def check_output(config: GenerateConfig) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 
 from ..data import check_output_dir, load_stage, process_state, run_in_shards
 from ..errors import check_ranges
 from ..family import family_of_data
-from ..options import RewardOptions
+from ..options import RewardOptions, options_of
 from ..rewards.scoring import (
     RewardFunction,
     check_rewards,
@@ -43,6 +45,17 @@ class ScoreConfig(RewardOptions):
         check_ranges(
             self, {"batch_size": (self.batch_size >= 1, ">= 1"), "shard_size": (self.shard_size >= 1, ">= 1")}
         )
+
+
+def score_config(source: Any, input_dir: str | Path, output_dir: str | Path) -> ScoreConfig:
+    """The `score` stage another command runs (a sampler's candidates, an evaluation's samples), with `source`'s
+    reward flags and batch size."""
+    return ScoreConfig(
+        **options_of(RewardOptions, source),
+        input_dir=str(input_dir),
+        output_dir=str(output_dir),
+        batch_size=source.batch_size,
+    )
 
 
 def check_output(config: ScoreConfig) -> None:
