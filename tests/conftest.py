@@ -118,6 +118,19 @@ def generate_config(reference_dir, prompts_file):
 
 
 @pytest.fixture(scope="session")
+def pipeline_config():
+    """`pipeline_config(pipeline, output_dir, prompts=None, **overrides)`: `rlfree generate`'s settings for a toy
+    diffusion pipeline (prompts only for a conditional one), with 2 denoising steps unless overridden."""
+    from rlfree.stages.generate import GenerateConfig
+
+    def make(pipeline, output_dir, prompts=None, **overrides):
+        settings = {"model_name_or_path": pipeline, "prompts": prompts, "output_dir": output_dir}
+        return GenerateConfig(**_paths_as_text(settings | {"num_inference_steps": 2} | overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shard_config(generate_config):
     """`shard_config(output_dir, **overrides)`: generate_config with 6 samples per prompt, seed 5, batches of 7 and one
     prompt per shard: a run of four shards to interrupt, resume and split across processes."""

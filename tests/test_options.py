@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rlfree.errors import StageInputError
+from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig
 from tests.helpers import (
     generate_args,
@@ -13,10 +14,11 @@ from tests.helpers import (
 )
 
 
-def test_bad_settings_name_the_flag(generate_toy):
+def test_bad_settings_name_the_flag(generate_config, tmp_path):
+    settings = {"num_samples": 16, "seed": 0, "batch_size": 24}
     for flag, value in [("num_samples", 0), ("temperature", 0.0), ("top_p", 1.5), ("max_new_tokens", 0)]:
         with pytest.raises(ValueError, match=f"--{flag}"):
-            generate_toy(**{flag: value})
+            generate(generate_config(tmp_path / "gen", **settings | {flag: value}))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@ truncation and pruning, and picks, checked against hand-computed values.
 
 Expected values are written out from DESIGN.md's formulas with `math`, never read back from the code under test:
 
-    log w_i = r_i / beta  (+ gamma * ref_i for rlif)  + ref_i - proposal_i,   w_i = exp(log w_i) / sum_j exp(log w_j)"""
+    log w_i = r_i / beta  (+ gamma * ref_i for rlif)  + ref_i - proposal_i,   w_i = exp(log w_i) / sum_j exp(log w_j)
+"""
 
 from __future__ import annotations
 
@@ -204,26 +205,16 @@ def test_unreachable_global_target_explains_the_limit():
         weigh(dataset, weight_config(weighting="rlhf", target_kl=2.0))
 
 
-def test_target_kl_picks_a_beta_whose_exact_kl_is_on_target(reference_dir, prompts_file, tmp_path):
+def test_target_kl_picks_a_beta_whose_exact_kl_is_on_target(reference_dir, generate_config, tmp_path):
     """On the enumerable toy, the solved beta's exact KL(pi* || pi_ref) is within 25% of the target."""
     import torch
 
     from rlfree.cli import main
     from rlfree.lm.modeling import load_causal_lm, load_tokenizer
-    from rlfree.stages.generate import GenerateConfig, generate
+    from rlfree.stages.generate import generate
     from rlfree.stages.score import ScoreConfig, score
 
-    generate(
-        GenerateConfig(
-            model_name_or_path=str(reference_dir),
-            prompts=str(prompts_file),
-            output_dir=str(tmp_path / "gen"),
-            num_samples=512,
-            max_new_tokens=3,
-            seed=3,
-            batch_size=512,
-        )
-    )
+    generate(generate_config(tmp_path / "gen", num_samples=512, seed=3, batch_size=512))
     reward = "rlfree.toy:arithmetic_reward"
     score(ScoreConfig(input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored"), reward=[reward]))
     main(

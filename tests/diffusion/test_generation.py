@@ -11,17 +11,17 @@ import torch
 
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
 from rlfree.errors import StageInputError
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from tests.helpers import (
     TEXT_PROMPTS,
 )
 
 
-def test_samples_depend_on_seed_prompt_and_index_only(random_pipeline, tmp_path):
+def test_samples_depend_on_seed_prompt_and_index_only(random_pipeline, pipeline_config, tmp_path):
     """The same dataset for any batch and shard size; `completion` is the image `DDPMPipeline` would return."""
     settings = {"num_samples": 12, "num_inference_steps": 4, "seed": 7}
-    one = generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "one"), batch_size=12, **settings))
-    other = generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "other"), batch_size=5, shard_size=7, **settings))  # fmt: skip
+    one = generate(pipeline_config(random_pipeline, tmp_path / "one", batch_size=12, **settings))
+    other = generate(pipeline_config(random_pipeline, tmp_path / "other", batch_size=5, shard_size=7, **settings))
     one, other = one.with_format("numpy")[:], other.with_format("numpy")[:]
     np.testing.assert_allclose(one["sample"], other["sample"], atol=1e-5)
     assert one["sample"].shape == (12, 1, 4, 4) and one["completion"].shape == (12, 4, 4, 1)
@@ -39,25 +39,27 @@ def test_samples_depend_on_seed_prompt_and_index_only(random_pipeline, tmp_path)
     np.testing.assert_allclose(to_images(again), through_pipeline, atol=1e-5)
 
 
-def test_prompts_are_class_labels_of_a_class_conditional_unet(class_pipeline, random_pipeline, tmp_path):
+def test_prompts_are_class_labels_of_a_class_conditional_unet(
+    class_pipeline, random_pipeline, pipeline_config, tmp_path
+):
     prompts = tmp_path / "classes.jsonl"
     prompts.write_text('{"prompt": "1", "note": "a"}\n{"prompt": "0", "note": "b"}\n')
-    dataset = generate(GenerateConfig(str(class_pipeline), str(prompts), str(tmp_path / "out"), num_samples=3, num_inference_steps=2))  # fmt: skip
+    dataset = generate(pipeline_config(class_pipeline, tmp_path / "out", prompts, num_samples=3))
     assert dataset["class_label"] == [1, 1, 1, 0, 0, 0] and dataset["prompt"][0] == "1"
     assert dataset["note"] == ["a"] * 3 + ["b"] * 3  # extra prompt columns travel along, to the rewards
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "2"}\n')
     with pytest.raises(StageInputError, match="not a class label"):
-        generate(GenerateConfig(str(class_pipeline), str(bad), str(tmp_path / "bad"), num_inference_steps=2))
+        generate(pipeline_config(class_pipeline, tmp_path / "bad", bad))
     with pytest.raises(StageInputError, match="give --prompts"):
-        generate(GenerateConfig(str(class_pipeline), None, str(tmp_path / "none"), num_inference_steps=2))
+        generate(pipeline_config(class_pipeline, tmp_path / "none"))
     with pytest.raises(StageInputError, match="unconditional pipeline"):
-        generate(GenerateConfig(str(random_pipeline), str(prompts), str(tmp_path / "uncond"), num_inference_steps=2))
+        generate(pipeline_config(random_pipeline, tmp_path / "uncond", prompts))
     with pytest.raises(StageInputError, match="--temperature"):
-        generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "t"), temperature=0.7))
+        generate(pipeline_config(random_pipeline, tmp_path / "t", temperature=0.7))
 
 
-def test_samples_are_latents_and_images_are_the_pipelines_own(text_pipeline, text_prompts, tmp_path):
+def test_samples_are_latents_and_images_are_the_pipelines_own(text_pipeline, text_prompts, pipeline_config, tmp_path):
     """`sample` is the latent the UNet denoised, `completion` the image StableDiffusionPipeline itself returns for the
     same seed, with classifier-free guidance (--guidance_scale without --ref_model); any batch size gives the same."""
     from diffusers import StableDiffusionPipeline
@@ -65,12 +67,8 @@ def test_samples_are_latents_and_images_are_the_pipelines_own(text_pipeline, tex
     from rlfree.seeds import sample_seed
 
     settings = {"num_samples": 3, "num_inference_steps": 3, "guidance_scale": 4.0, "seed": 5}
-    one = generate(
-        GenerateConfig(str(text_pipeline), str(text_prompts), str(tmp_path / "one"), batch_size=6, **settings)
-    )
-    other = generate(
-        GenerateConfig(str(text_pipeline), str(text_prompts), str(tmp_path / "two"), batch_size=2, **settings)
-    )
+    one = generate(pipeline_config(text_pipeline, tmp_path / "one", text_prompts, batch_size=6, **settings))
+    other = generate(pipeline_config(text_pipeline, tmp_path / "two", text_prompts, batch_size=2, **settings))
     one, other = one.with_format("numpy")[:], other.with_format("numpy")[:]
     assert one["sample"].shape == (6, 4, 8, 8) and one["completion"].shape == (6, 16, 16, 3)
     np.testing.assert_allclose(one["sample"], other["sample"], atol=1e-5)
@@ -81,4 +79,4 @@ def test_samples_are_latents_and_images_are_the_pipelines_own(text_pipeline, tex
         own = pipeline(TEXT_PROMPTS[prompt], generator=[generator], num_inference_steps=3, guidance_scale=4.0, output_type="np")  # fmt: skip
         np.testing.assert_allclose(one["completion"][row], own.images[0], atol=1e-5)
     with pytest.raises(StageInputError, match="give --prompts"):
-        generate(GenerateConfig(str(text_pipeline), None, str(tmp_path / "none"), num_inference_steps=2))
+        generate(pipeline_config(text_pipeline, tmp_path / "none"))

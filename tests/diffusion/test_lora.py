@@ -6,15 +6,12 @@ import numpy as np
 from safetensors.torch import load_file
 
 from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.generate import GenerateConfig, generate
-from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import ModelConfig, train
-from rlfree.stages.weight import WeightConfig, weight
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"
 
 
-def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeline, tmp_path):
+def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeline, sample_score_weight, tmp_path):
     """`train --use_peft` on a pipeline: only the adapter trains; the root is a pipeline with the merged UNet, the
     adapter sits in unet_lora/ naming its base. RLG between that output and its base runs one UNet with the adapter on
     and off, and draws the same samples as RLG between the merged pipeline and a separate copy of the base."""
@@ -23,9 +20,7 @@ def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeli
     from rlfree.diffusion.lora import ADAPTER_DIR, adapter_base
     from rlfree.stages.sample import SampleConfig, sample
 
-    generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "gen"), num_samples=16, num_inference_steps=2))
-    score(ScoreConfig(reward=[REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))
-    weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=0.5))
+    sample_score_weight(tmp_path, random_pipeline, None, REWARD, 0.5, num_samples=16, num_inference_steps=2)
     train(
         ModelConfig(model_name_or_path=str(random_pipeline), use_peft=True, lora_r=4),
         RLFreeConfig(output_dir=str(tmp_path / "lora"), dataset_dir=str(tmp_path / "weighted"), max_steps=3,

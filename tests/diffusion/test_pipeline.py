@@ -6,21 +6,20 @@ import torch
 
 from rlfree.diffusion.pipeline import load_pipeline
 from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.generate import GenerateConfig, generate
-from rlfree.stages.score import ScoreConfig, score
-from rlfree.stages.weight import WeightConfig, weight
+
+BRIGHTNESS = "tests.helpers:brightness"
 
 
-def test_training_noise_follows_the_forward_process_whatever_the_sampler(text_pipeline, text_prompts, tmp_path):
+def test_training_noise_follows_the_forward_process_whatever_the_sampler(
+    text_pipeline, text_prompts, sample_score_weight, tmp_path
+):
     """A pipeline whose scheduler is a sampler with its own units (Euler: x + sigma·eps) trains on the DDPM forward
     process of the same betas, as diffusers' training scripts do, not on the sampler's add_noise."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
     from rlfree.diffusion.trainer import DiffusionTrainer
 
-    generate(GenerateConfig(str(text_pipeline), str(text_prompts), str(tmp_path / "gen"), num_samples=2, num_inference_steps=2))  # fmt: skip
-    score(ScoreConfig(reward=["tests.helpers:brightness"], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))  # fmt: skip
-    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=0.1))
+    weighted = sample_score_weight(tmp_path, text_pipeline, text_prompts, BRIGHTNESS, 0.1, num_samples=2, num_inference_steps=2)  # fmt: skip
     pipeline = load_pipeline(str(text_pipeline))
     ddim_alphas = pipeline.scheduler.alphas_cumprod
     pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)

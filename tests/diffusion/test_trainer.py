@@ -14,7 +14,6 @@ from rlfree.diffusion import toy
 from rlfree.diffusion.pipeline import load_pipeline, to_images
 from rlfree.errors import StageInputError
 from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.generate import GenerateConfig, generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import ModelConfig, train
 from rlfree.stages.weight import WeightConfig, weight
@@ -23,6 +22,9 @@ from tests.helpers import (
     train_here,
     unet_weights,
 )
+
+REWARD = "rlfree.diffusion.toy:plus_component_reward"
+BRIGHTNESS = "tests.helpers:brightness"
 
 
 def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pipeline, tmp_path):
@@ -48,9 +50,6 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     per_sample = denoising_loss(pipeline.unet, pipeline.scheduler, samples[:3], None, generators)
     expected = (torch.tensor(weights[:3]) * 6 / sum(weights) * per_sample).sum() / (3 * 2)
     torch.testing.assert_close(loss, expected)
-
-
-REWARD = "rlfree.diffusion.toy:plus_component_reward"
 
 
 def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_it(tmp_path):
@@ -89,7 +88,7 @@ def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_
     assert abs(fitted - target) < 0.02 + 4 * sampling_sd
 
 
-def test_weighted_training_of_a_text_to_image_unet(text_pipeline, text_prompts, tmp_path):
+def test_weighted_training_of_a_text_to_image_unet(text_pipeline, text_prompts, sample_score_weight, tmp_path):
     """score → weight → train on a text-to-image pipeline: the loss conditions on the frozen text encoder's prompt
     embeddings (checked by hand), only the UNet moves, and the output loads as a StableDiffusionPipeline; LoRA on its
     attention layers trains too. CFG as soft best-of-N uses the empty prompt as the null condition."""
@@ -100,9 +99,7 @@ def test_weighted_training_of_a_text_to_image_unet(text_pipeline, text_prompts, 
     from rlfree.seeds import stream_seed
     from rlfree.stages.sample import SampleConfig, sample
 
-    generate(GenerateConfig(str(text_pipeline), str(text_prompts), str(tmp_path / "gen"), num_samples=4, num_inference_steps=2))  # fmt: skip
-    score(ScoreConfig(reward=["tests.helpers:brightness"], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))  # fmt: skip
-    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=0.1))
+    weighted = sample_score_weight(tmp_path, text_pipeline, text_prompts, BRIGHTNESS, 0.1, num_samples=4, num_inference_steps=2)  # fmt: skip
     assert np.allclose([sum(weighted.filter(lambda r, p=p: r["prompt_index"] == p)["weight"]) for p in (0, 1)], 1)
 
     pipeline = load_pipeline(str(text_pipeline))

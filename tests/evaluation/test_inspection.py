@@ -1,6 +1,7 @@
 """`rlfree inspect`: the summary of a stage folder, checked against values computed by hand from the rows.
 
-Folders are built with `save_stage`, as the stages write them, so the sidecars and layout are the real ones."""
+Folders are built with `save_stage`, as the stages write them, so the sidecars and layout are the real ones.
+"""
 
 from __future__ import annotations
 
@@ -238,21 +239,13 @@ def test_weight_stage_output_end_to_end(tmp_path, capsys):
     assert "* the beta of weighting.json" in out
 
 
-def test_generated_scored_and_weighted_toy_folders(reference_dir, prompts_file, tmp_path):
+def test_generated_scored_and_weighted_toy_folders(generate_config, tmp_path):
     """The real stages' folders, each inspected in place, still feed the next stage."""
-    from rlfree.stages.generate import GenerateConfig, generate
+    from rlfree.stages.generate import generate
     from rlfree.stages.score import ScoreConfig, score
 
     generated, scored, weighted = tmp_path / "generated", tmp_path / "scored", tmp_path / "weighted"
-    generate(
-        GenerateConfig(
-            model_name_or_path=str(reference_dir),
-            prompts=str(prompts_file),
-            output_dir=str(generated),
-            num_samples=8,
-            max_new_tokens=2,
-        )
-    )
+    generate(generate_config(generated, num_samples=8, max_new_tokens=2))
     reports = {"generated": inspect(InspectConfig(input_dir=str(generated)))}
     score(ScoreConfig(input_dir=str(generated), output_dir=str(scored), reward=["rlfree.toy:arithmetic_reward"]))
     reports["scored"] = inspect(InspectConfig(input_dir=str(scored)))

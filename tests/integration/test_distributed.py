@@ -19,10 +19,9 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 
 from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import ModelConfig, train
-from rlfree.stages.weight import WeightConfig, weight
 from tests.helpers import (
     DIFFUSION_FLAGS,
     assert_same_rows,
@@ -31,9 +30,26 @@ from tests.helpers import (
     unet_weights,
 )
 
+REWARD = "rlfree.toy:arithmetic_reward"
+
+
+def rows(path) -> list[dict]:
+    return load_from_disk(str(path)).to_list()
+
+
+def launch_two_processes(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 -m rlfree ARGS`: two real gloo ranks on a CPU-only machine."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfree", *map(str, args),
+    ]  # fmt: skip
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 STEPS = 3
-
-
 TRAINING_FLAGS = {
     "max_steps": STEPS,
     "learning_rate": 0.5,
@@ -47,25 +63,10 @@ TRAINING_FLAGS = {
 
 
 @pytest.fixture(scope="module")
-def weighted_dir(reference_dir, prompts_file, tmp_path_factory):
+def weighted_dir(reference_dir, prompts_file, sample_score_weight, tmp_path_factory):
     """128 weighted toy samples (4 prompts x 32), enough for 3 steps of 32 without a second epoch."""
     root = tmp_path_factory.mktemp("distributed")
-    generate(
-        GenerateConfig(
-            model_name_or_path=str(reference_dir),
-            prompts=str(prompts_file),
-            output_dir=str(root / "generated"),
-            num_samples=32,
-            max_new_tokens=3,
-            seed=0,
-        )
-    )
-    score(
-        ScoreConfig(
-            input_dir=str(root / "generated"), output_dir=str(root / "scored"), reward=["rlfree.toy:arithmetic_reward"]
-        )
-    )
-    weight(WeightConfig(str(root / "scored"), str(root / "weighted"), "rlhf", beta=0.5))
+    sample_score_weight(root, reference_dir, prompts_file, REWARD, 0.5, num_samples=32, max_new_tokens=3, seed=0)
     return root / "weighted"
 
 
@@ -90,16 +91,10 @@ def train_two_processes(reference_dir, weighted_dir, output_dir, batch_size: int
         "disable_tqdm": "true",
         "log_level": "info",  # so that the Trainer says the batch size it computed from the world it runs in
     }
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfree", "train",
-        "--model_name_or_path", str(reference_dir), "--dataset_dir", str(weighted_dir), "--output_dir", str(output_dir),
-        *(item for key, value in flags.items() for item in (f"--{key}", str(value))),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two_processes(
+        "train", "--model_name_or_path", reference_dir, "--dataset_dir", weighted_dir, "--output_dir", output_dir,
+        *(item for key, value in flags.items() for item in (f"--{key}", value)),
+    )  # fmt: skip
     # Per-device batch x accumulation x world size = 32 only when two processes really ran.
     assert f"Total train batch size (w. parallel, distributed & accumulation) = {2 * batch_size * accumulation}" in (
         result.stdout + result.stderr
@@ -134,38 +129,15 @@ def test_two_processes_take_the_one_process_step(class_weighted, tmp_path):
     """1 process x 16 against 2 gloo processes x 4 x 2 accumulation steps (`accelerate launch --multi_gpu`)."""
     train_here(class_weighted, tmp_path / "one", 16, 1, max_steps=3, save_strategy="no")
     flags = DIFFUSION_FLAGS | {"max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                     "save_strategy": "no", "disable_tqdm": "true", "log_level": "info"}  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfree", "train",
-        "--model_name_or_path", str(class_weighted / "base"), "--dataset_dir", str(class_weighted / "weighted"),
-        "--output_dir", str(tmp_path / "two"), *(item for key, value in flags.items() for item in (f"--{key}", str(value))),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+                               "save_strategy": "no", "disable_tqdm": "true", "log_level": "info"}  # fmt: skip
+    result = launch_two_processes(
+        "train", "--model_name_or_path", class_weighted / "base", "--dataset_dir", class_weighted / "weighted",
+        "--output_dir", tmp_path / "two", *(item for key, value in flags.items() for item in (f"--{key}", value)),
+    )  # fmt: skip
     assert "Total train batch size (w. parallel, distributed & accumulation) = 16" in result.stdout + result.stderr
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
     assert max_deviation(one, unet_weights(class_weighted / "base")) > 1e-3
     assert max_deviation(one, two) < 1e-5, max_deviation(one, two)
-
-
-REWARD = "rlfree.toy:arithmetic_reward"
-
-
-def rows(path) -> list[dict]:
-    return load_from_disk(str(path)).to_list()
-
-
-def launch_two_processes(*args, cwd) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2`: two real gloo ranks on a CPU-only machine."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfree", *map(str, args),
-    ]  # fmt: skip
-    environment = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=environment)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 @pytest.mark.slow
@@ -199,7 +171,6 @@ def test_two_processes_write_the_same_dataset_as_one(reference_dir, prompts_file
 
 @pytest.mark.slow
 def test_a_whole_recipe_runs_data_parallel(tmp_path, toy_recipe):
-
     recipe = toy_recipe(tmp_path)
     result = launch_two_processes("run", "--config", recipe, cwd=tmp_path)
     assert result.stdout.count("[round 1/1") == 4  # one line per stage, from the main process only

@@ -15,10 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlfree.diffusion import toy
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
 from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.generate import GenerateConfig, generate
-from rlfree.stages.score import ScoreConfig, score
+from rlfree.stages.generate import generate
 from rlfree.stages.train import ModelConfig, train
-from rlfree.stages.weight import WeightConfig, weight
 from rlfree.toy.demo import DemoConfig, run_demo
 
 
@@ -109,8 +107,6 @@ def test_trained_model_reaches_the_exact_target(tmp_path, weighting, temperature
 
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"
-
-
 TUNE_STEPS, TUNE_BATCH, TUNE_LR = 400, 256, 3e-3
 
 
@@ -133,7 +129,7 @@ def plus_frequency(pipeline_folder, count: int, seed: int) -> tuple[float, torch
 
 
 @pytest.mark.slow
-def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
+def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, sample_score_weight, pipeline_config, tmp_path):
     """generate → score → weight → train on pi_ref's own samples: the fine-tuned UNet moves the + frequency from pi_ref's
     to its exact tilt by exp(r/beta), each component keeping its place, and lands where plain training on a resample of
     the tilted data lands (the control): what separates the two from the exact tilt is the UNet's own fit. The output
@@ -143,9 +139,8 @@ def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
     from rlfree.data import read_sidecars, save_stage
 
     beta = 0.5
-    generate(GenerateConfig(str(base_pipeline), None, str(tmp_path / "gen"), num_samples=1024, num_inference_steps=100, batch_size=256))  # fmt: skip
-    score(ScoreConfig(reward=[REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored")))
-    weighted = weight(WeightConfig(str(tmp_path / "scored"), str(tmp_path / "weighted"), "rlhf", beta=beta))
+    settings = {"num_samples": 1024, "num_inference_steps": 100, "batch_size": 256}
+    weighted = sample_score_weight(tmp_path, base_pipeline, None, REWARD, beta, **settings)
     sidecar = read_sidecars(tmp_path / "weighted")["weighting"]
     save_stage(
         toy.resample(weighted, 0), tmp_path / "resampled", "weighting", sidecar, input_dir=tmp_path / "weighted"
@@ -185,7 +180,7 @@ def test_weighted_denoising_reaches_the_tilted_mixture(base_pipeline, tmp_path):
         ).with_format("numpy")[:]  # fmt: skip
 
     def own(folder, name):
-        config = GenerateConfig(str(folder), None, str(tmp_path / name), num_samples=200, num_inference_steps=100, batch_size=200)  # fmt: skip
+        config = pipeline_config(folder, tmp_path / name, num_samples=200, num_inference_steps=100, batch_size=200)
         return generate(config).with_format("numpy")[:]["sample"]
 
     frequencies = {}

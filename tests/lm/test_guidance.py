@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from tests.helpers import (
     outcomes,
     sequence_mix,
@@ -12,19 +12,16 @@ from tests.helpers import (
     total_variation,
 )
 
-MAX_NEW_TOKENS = 3
-
 
 def test_guided_candidates_carry_the_exact_mix_and_both_models_log_probabilities(
-    reference_dir, tuned_dir, prompts_file, exact_pair, tmp_path
+    reference_dir, tuned_dir, generate_config, exact_pair, tmp_path
 ):
     scale = 2.0
-    candidates = generate(
-        GenerateConfig(
-            str(tuned_dir), str(prompts_file), str(tmp_path / "candidates"), ref_model=str(reference_dir),
-            guidance_scale=scale, num_samples=64, max_new_tokens=MAX_NEW_TOKENS, batch_size=256,
-        )
+    config = generate_config(
+        tmp_path / "candidates", model_name_or_path=tuned_dir, ref_model=reference_dir, guidance_scale=scale,
+        num_samples=64, batch_size=256,
     )  # fmt: skip
+    candidates = generate(config)
     mix = token_level_mix(exact_pair, scale)
     for prompt_index in range(len(exact_pair["prompts"])):
         rows = [r for r in candidates if r["prompt_index"] == prompt_index]

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlfree.stages.generate import GenerateConfig, generate
-
-MAX_NEW_TOKENS = 3
+from rlfree.stages.generate import generate
 
 
-def test_a_lora_adapter_guides_against_its_own_base_with_one_set_of_weights(reference_dir, prompts_file, tmp_path):
+def test_a_lora_adapter_guides_against_its_own_base_with_one_set_of_weights(reference_dir, generate_config, tmp_path):
     """--model_name_or_path ADAPTER --ref_model BASE: pi_ref is the adapted model with its adapter off (no second copy
     of the base), and every candidate and log-probability equals guidance between the merged model and the base."""
     from peft import LoraConfig, get_peft_model
@@ -35,14 +33,12 @@ def test_a_lora_adapter_guides_against_its_own_base_with_one_set_of_weights(refe
 
     datasets = {
         name: generate(
-            GenerateConfig(
-                str(tmp_path / name),
-                str(prompts_file),
-                str(tmp_path / f"{name}_out"),
-                ref_model=str(reference_dir),
+            generate_config(
+                tmp_path / f"{name}_out",
+                model_name_or_path=tmp_path / name,
+                ref_model=reference_dir,
                 guidance_scale=2.0,
                 num_samples=32,
-                max_new_tokens=MAX_NEW_TOKENS,
                 batch_size=64,
             )
         )  # fmt: skip

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from rlfree.diffusion import toy
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 
 
-def test_image_reward_models_score_the_images(text_pipeline, text_prompts, tmp_path):
+def test_image_reward_models_score_the_images(text_pipeline, text_prompts, pipeline_config, tmp_path):
     """`--reward_model` on a pipeline's samples: a CLIP model scores logit_scale·cos(prompt, image) (PickScore's
     formula) and an image classifier its logit 0, each through its own image processor; checked by hand."""
     from transformers import (
@@ -46,7 +46,7 @@ def test_image_reward_models_score_the_images(text_pipeline, text_prompts, tmp_p
     vit.save_pretrained(tmp_path / "vit")
     ViTImageProcessor(do_resize=False).save_pretrained(tmp_path / "vit")
 
-    generate(GenerateConfig(str(text_pipeline), str(text_prompts), str(tmp_path / "gen"), num_samples=2, num_inference_steps=2))  # fmt: skip
+    generate(pipeline_config(text_pipeline, tmp_path / "gen", text_prompts, num_samples=2))
     scored = score(
         ScoreConfig(reward_model=[str(tmp_path / "clip"), str(tmp_path / "vit")], input_dir=str(tmp_path / "gen"),
                     output_dir=str(tmp_path / "scored"))

@@ -14,7 +14,7 @@ from datasets import Dataset, load_from_disk
 from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.rewards.scoring import RewardModel, load_reward_function, score_dataset
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from tests.helpers import (
     one_line_error,
@@ -147,7 +147,7 @@ def test_rewards_that_end_the_process_or_return_text_are_named(generated, tmp_pa
     assert one_line_error(code, err, "score") and message in err and not (tmp_path / "s").exists()
 
 
-def test_trl_conversational_reward_functions_get_trl_conversational_inputs(reference_dir, tmp_path):
+def test_trl_conversational_reward_functions_get_trl_conversational_inputs(reference_dir, generate_config, tmp_path):
     """As TRL documents them: `completion[0]["content"]`, and each prompt a list of messages."""
     from transformers import AutoTokenizer
 
@@ -158,7 +158,7 @@ def test_trl_conversational_reward_functions_get_trl_conversational_inputs(refer
     tokenizer.save_pretrained(chat_model)
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "2 + 3 ="}]}) + "\n")
-    generate(GenerateConfig(str(chat_model), str(prompts), str(tmp_path / "gen"), num_samples=3, max_new_tokens=3))
+    generate(generate_config(tmp_path / "gen", model_name_or_path=chat_model, prompts=prompts, num_samples=3))
     (tmp_path / "trl_reward.py").write_text(
         "def length_reward(prompts, completions, **kwargs):\n"
         "    assert prompts[0][-1]['role'] == 'user', prompts\n"

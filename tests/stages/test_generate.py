@@ -13,8 +13,21 @@ from transformers import AutoModelForCausalLM
 
 from rlfree import toy
 from rlfree.lm.backends.hf import HFBackend
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from tests.helpers import assert_same_rows
+
+
+@pytest.fixture
+def generate_toy(generate_config, tmp_path):
+    """`generate_toy(output="gen", **overrides)`: `rlfree generate` on the toy into tmp_path/output, 16 samples per
+    prompt, seed 0, batches of 24 unless overridden; returns the dataset."""
+
+    def run(output="gen", **overrides):
+        return generate(
+            generate_config(tmp_path / output, **{"num_samples": 16, "seed": 0, "batch_size": 24} | overrides)
+        )
+
+    return run
 
 
 def _model(path):
@@ -132,7 +145,7 @@ def test_samples_do_not_depend_on_batch_or_shard_size(tmp_path, shard_config):
 
 
 def test_a_changed_model_folder_restarts_an_unfinished_generation(
-    reference_dir, prompts_file, tmp_path, monkeypatch, capsys
+    reference_dir, generate_config, tmp_path, monkeypatch, capsys
 ):
     model = tmp_path / "model"
     shutil.copytree(reference_dir, model)
@@ -146,9 +159,7 @@ def test_a_changed_model_folder_restarts_an_unfinished_generation(
 
     original = HFBackend.draw
     monkeypatch.setattr(HFBackend, "draw", fail_on_second)
-    config = GenerateConfig(
-        str(model), str(prompts_file), str(tmp_path / "out"), num_samples=2, max_new_tokens=3, shard_size=2
-    )
+    config = generate_config(tmp_path / "out", model_name_or_path=model, num_samples=2, shard_size=2)
     with pytest.raises(RuntimeError):
         generate(config)
     monkeypatch.undo()

@@ -3,7 +3,8 @@ the stage function, its summary and its warnings.
 
 Expected values are written out from DESIGN.md's formulas with `math`, never read back from the code under test:
 
-    log w_i = r_i / beta  (+ gamma * ref_i for rlif)  + ref_i - proposal_i,   w_i = exp(log w_i) / sum_j exp(log w_j)"""
+    log w_i = r_i / beta  (+ gamma * ref_i for rlif)  + ref_i - proposal_i,   w_i = exp(log w_i) / sum_j exp(log w_j)
+"""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
-from rlfree.diffusion import toy
 from rlfree.errors import StageInputError
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.weight import WeightConfig, weight, weight_dataset
 from tests.helpers import (
@@ -303,9 +303,10 @@ def test_the_few_samples_warning_names_the_weightings_own_knob(
         assert "raise beta" not in err
 
 
-def test_rewards_see_images_and_rlhf_weights_need_no_log_probabilities(random_pipeline, tmp_path):
+def test_rewards_see_images_and_rlhf_weights_need_no_log_probabilities(random_pipeline, pipeline_config, tmp_path):
+    from rlfree.diffusion import toy
 
-    generate(GenerateConfig(str(random_pipeline), None, str(tmp_path / "gen"), num_samples=6, num_inference_steps=2))
+    generate(pipeline_config(random_pipeline, tmp_path / "gen", num_samples=6))
     scored = score(
         ScoreConfig(reward=[PLUS_REWARD], input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "scored"))
     )

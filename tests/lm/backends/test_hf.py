@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from rlfree import toy
 from rlfree.lm.backends import hf as hf_backend
 from rlfree.lm.modeling import load_causal_lm
-from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.generate import generate
 
 
 def _model(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def test_checkpoint_generation_config_does_not_change_the_sampler(reference_dir, tmp_path):
+def test_checkpoint_generation_config_does_not_change_the_sampler(reference_dir, generate_config, tmp_path):
     """A checkpoint shipping top_k=1, a low temperature, penalties or suppressed tokens is still sampled as pi_ref."""
     local = tmp_path / "greedy-config"
     shutil.copytree(reference_dir, local)
@@ -35,16 +35,10 @@ def test_checkpoint_generation_config_does_not_change_the_sampler(reference_dir,
     ).save_pretrained(local)
     prompts = tmp_path / "one.jsonl"
     prompts.write_text(json.dumps({"prompt": "4 + 5 ="}) + "\n")
-    dataset = generate(
-        GenerateConfig(
-            model_name_or_path=str(local),
-            prompts=str(prompts),
-            output_dir=str(tmp_path / "gen"),
-            num_samples=600,
-            max_new_tokens=3,
-            batch_size=600,
-        )
+    config = generate_config(
+        tmp_path / "gen", model_name_or_path=local, prompts=prompts, num_samples=600, batch_size=600
     )
+    dataset = generate(config)
     tokenizer = toy.build_tokenizer()
     exact = toy.exact_distributions(_model(reference_dir), tokenizer, ["4 + 5 ="], 3)
     index = {tuple(ids): i for i, ids in enumerate(exact["completions"])}
