@@ -65,6 +65,9 @@ def cli_run(request, tmp_path_factory):
         process.communicate()
 
 
+# --- main(): exit codes and one-line errors --------------------------------------------------------------------------
+
+
 def test_main_reports_a_stage_input_error_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["weight", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), "--beta", "1"])
@@ -109,6 +112,9 @@ def test_weight_with_negative_beta_exits_2_naming_the_flag(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+# --- a fast `--help`, and messages printed once per `accelerate launch` job ------------------------------------------
+
+
 def test_help_imports_no_torch_transformers_or_datasets():
     code = (
         "import rlfree.cli, sys; rlfree.cli.main(['--help']); "
@@ -139,6 +145,9 @@ def test_stage_message_is_printed_by_the_main_process_only(tmp_path, monkeypatch
     assert code == 0, err
     assert (tmp_path / "other").is_dir()
     assert "wrote weights to" not in out
+
+
+# --- bad input of every kind: one line naming it, nothing created ----------------------------------------------------
 
 
 def write(path, content: str | bytes):

@@ -33,6 +33,9 @@ PROMPT_ROWS = [
 ]
 
 
+# --- reading prompts -------------------------------------------------------------------------------------------------
+
+
 def write_prompts(directory: Path, kind: str, rows: list[dict]) -> Path:
     if kind == "jsonl":
         path = directory / "prompts.jsonl"
@@ -169,6 +172,9 @@ def test_every_column_a_stage_writes_is_reserved(weighted, reference_dir, prompt
         assert written and not unreserved
 
 
+# --- save_stage: the atomic stage writer -----------------------------------------------------------------------------
+
+
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".incomplete-" in p.name or ".old-" in p.name)
 
@@ -232,6 +238,9 @@ def test_stage_folders_follow_the_umask(generated):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o777 & ~umask
+
+
+# --- output folders: nothing a user did not ask for is deleted or replaced -------------------------------------------
 
 
 def test_an_existing_file_as_output_dir_is_refused_and_kept(reference_dir, prompts_file, scored, tmp_path, run_cli):
@@ -316,6 +325,9 @@ def test_an_output_folder_inside_an_input_folder_is_refused(reference_dir, promp
     shutil.copy(prompts_file, holder / "prompts.jsonl")
     code, _, err = run_cli(generate_args(reference_dir, holder / "prompts.jsonl", holder))
     assert code == 2 and "holds --prompts" in err and (holder / "prompts.jsonl").is_file()
+
+
+# --- shards: an interrupted run resumes to the uninterrupted result --------------------------------------------------
 
 
 def interrupt_after(monkeypatch, module, name: str, calls: int) -> list:
@@ -415,6 +427,9 @@ def test_a_generation_killed_with_sigkill_resumes_to_the_uninterrupted_result(tm
     resumed = generate(shard_config(tmp_path / "killed", **flags))
     assert_same_rows(resumed.to_list(), whole)
     assert not partial.exists()
+
+
+# --- settings compared across runs -----------------------------------------------------------------------------------
 
 
 def test_a_resumed_run_keeps_its_shards_when_paths_are_spelled_otherwise(generated, tmp_path, capsys, monkeypatch):

@@ -26,6 +26,9 @@ from tests.helpers import RECIPES, scored_dataset
 TOY_RECIPE = RECIPES / "toy.yaml"
 
 
+# --- flags and recipe values -----------------------------------------------------------------------------------------
+
+
 def write_yaml(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -165,6 +168,9 @@ train:
     assert args.learning_rate == 0.002
 
 
+# --- unknown and abbreviated flags -----------------------------------------------------------------------------------
+
+
 def test_misspelled_flag_is_named_with_a_close_match_not_reported_as_a_missing_one(run_cli):
     code, _, err = run_cli(["weight", "--input_dir", "A", "--output_dir", "B", "--beat", "0.5"])
     assert code == 2
@@ -202,6 +208,9 @@ def test_train_still_takes_training_arguments_and_their_no_flags(tmp_path):
     ]  # fmt: skip
     model_config, args = parse_command("train", (ModelConfig, RLFreeConfig), argv)
     assert (model_config.lora_r, args.learning_rate, args.log_on_each_node) == (4, 0.01, False)
+
+
+# --- command-line values win over their alternatives from a recipe ---------------------------------------------------
 
 
 def documented_weight_command() -> list[str]:
@@ -251,6 +260,9 @@ def test_a_command_line_alternative_drops_only_its_own_group(tmp_path):
     assert (config.beta, config.rlif_exponent, config.beta_if) == (0.5, 0.2, None)
     (config,) = parse_command("weight", (WeightConfig,), ["--config", str(recipe), "--target_ess", "0.5"])
     assert (config.beta, config.target_ess, config.beta_if) == (None, 0.5, 0.4)
+
+
+# --- the shipped recipes ---------------------------------------------------------------------------------------------
 
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))

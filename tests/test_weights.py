@@ -31,6 +31,8 @@ from tests.helpers import (
     weights_of,
 )
 
+# --- numerical stability ---------------------------------------------------------------------------------------------
+
 
 def test_huge_reward_over_tiny_beta_gives_finite_weights_with_the_top_one_near_one():
     dataset = make_samples([0, 0, 0], reward=[10000.0, 9999.0, 0.0])
@@ -55,6 +57,9 @@ def test_equal_rewards_at_extreme_scale_give_uniform_weights():
     weighted, _ = weigh(dataset, weight_config(weighting="rlhf", beta=1e-6))  # r / beta = 1e12
     assert weighted["weight"] == pytest.approx([0.25] * 4, rel=1e-12)
     assert weighted["log_weight"] == pytest.approx([math.log(0.25)] * 4, rel=1e-12)
+
+
+# --- diagnostics -----------------------------------------------------------------------------------------------------
 
 
 def test_diagnostics_of_weights_half_quarter_quarter():
@@ -105,6 +110,9 @@ def test_diagnostics_are_per_prompt():
     assert summary["share_ess_below_2"] == pytest.approx(0.5)
 
 
+# --- grouping --------------------------------------------------------------------------------------------------------
+
+
 def test_prompt_groups_need_not_be_contiguous_or_sorted():
     prompt_index = [0, 0, 0, 1, 1, 2, 2, 2]
     reward = [0.0, 1.0, 2.0, 3.0, 1.0, 0.5, 0.5, 1.5]
@@ -141,8 +149,6 @@ def test_prompt_indices_with_gaps_are_separate_groups():
 # Two samples with rewards (0, 1) at 1/beta = log 3 give w = (1/4, 3/4): ESS = 1 / (1/16 + 9/16) = 1.6 (80% of N), and
 # KL = 3/4 log(3/4 * 2) + 1/4 log(1/4 * 2).
 BETA_AT_THREE_QUARTERS = 1 / math.log(3)
-
-
 KL_AT_THREE_QUARTERS = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
 
 
@@ -230,6 +236,9 @@ def test_target_kl_picks_a_beta_whose_exact_kl_is_on_target(reference_dir, gener
     assert exact_kl == pytest.approx(0.2, rel=0.25)
 
 
+# --- truncation and pruning ------------------------------------------------------------------------------------------
+
+
 def weights_as_rewards(weights: list[float], prompt_index: list[int] | None = None) -> Dataset:
     """At beta = 1, rewards log w_i give back exactly the normalized weights w_i."""
     return make_samples(prompt_index or [0] * len(weights), reward=[math.log(w) for w in weights])
@@ -298,6 +307,9 @@ def test_dropping_uniform_prompts_refuses_when_every_prompt_ties():
     dataset = make_samples([0, 0, 1, 1], reward=[1.0, 1.0, 0.0, 0.0])
     with pytest.raises(StageInputError, match="the weights of all 2 prompts are uniform"):
         weight_dataset(dataset, weight_config(beta=1.0, drop_uniform_prompts=True))
+
+
+# --- picks: one candidate per group with probability softmax(log weight) ---------------------------------------------
 
 
 def _uniform(size: int, seed: int) -> torch.Tensor:

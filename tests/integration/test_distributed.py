@@ -49,6 +49,9 @@ def launch_two_processes(*args, cwd=None) -> subprocess.CompletedProcess:
     return result
 
 
+# --- training: global loss normalization -----------------------------------------------------------------------------
+
+
 STEPS = 3
 TRAINING_FLAGS = {
     "max_steps": STEPS,
@@ -138,6 +141,9 @@ def test_two_processes_take_the_one_process_step(class_weighted, tmp_path):
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
     assert max_deviation(one, unet_weights(class_weighted / "base")) > 1e-3
     assert max_deviation(one, two) < 1e-5, max_deviation(one, two)
+
+
+# --- generation, scoring and whole recipes ---------------------------------------------------------------------------
 
 
 @pytest.mark.slow

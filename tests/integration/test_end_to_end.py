@@ -19,6 +19,8 @@ from rlfree.stages.generate import generate
 from rlfree.stages.train import ModelConfig, train
 from rlfree.toy.demo import DemoConfig, run_demo
 
+# --- the language-model toy ------------------------------------------------------------------------------------------
+
 
 def rlfree(*args, cwd):
     result = subprocess.run(
@@ -104,6 +106,9 @@ def test_trained_model_reaches_the_exact_target(tmp_path, weighting, temperature
     )
     assert before > 0.1  # the target is really away from the reference
     assert after <= 0.1 * before
+
+
+# --- a Gaussian mixture ----------------------------------------------------------------------------------------------
 
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"

@@ -38,6 +38,9 @@ def generated_dataset(**extra_columns) -> Dataset:
     return Dataset.from_dict(columns)
 
 
+# --- load_reward_function --------------------------------------------------------------------------------------------
+
+
 def test_load_reward_function_from_a_file_path(tmp_path):
     path = write_module(
         tmp_path / "r.py",
@@ -79,6 +82,9 @@ def test_reward_spec_with_a_missing_function_names_it(tmp_path):
 def test_reward_spec_with_an_unimportable_module_names_it():
     with pytest.raises(StageInputError, match=r"cannot import module 'rlfree_no_such_module'"):
         load_reward_function("rlfree_no_such_module:f")
+
+
+# --- score_dataset ---------------------------------------------------------------------------------------------------
 
 
 def test_score_dataset_passes_columns_as_kwargs_and_combines_weighted_rewards():
@@ -167,6 +173,9 @@ def test_trl_conversational_reward_functions_get_trl_conversational_inputs(refer
     spec = f"{tmp_path}/trl_reward.py:length_reward"
     scored_rows = score(ScoreConfig(input_dir=str(tmp_path / "gen"), output_dir=str(tmp_path / "s"), reward=[spec]))
     assert scored_rows["reward"] == [float(len(text)) for text in scored_rows["completion"]]
+
+
+# --- reward models ---------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,9 @@ def test_dropping_every_row_is_an_error_not_an_unreadable_folder(tmp_path):
         score(config)
 
 
+# --- rescoring never keeps results of code that changed --------------------------------------------------------------
+
+
 def test_a_fixed_reward_function_rescores_the_shards_its_broken_version_wrote(generated, tmp_path, run_cli):
     """Shard 0 is scored by the old code, shard 1 crashes; after the fix no row keeps the old code's reward."""
     reward_file = tmp_path / "my_reward.py"

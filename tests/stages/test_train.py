@@ -14,6 +14,8 @@ from rlfree.lm.trainer import RLFreeTrainer
 from rlfree.stages.train import ModelConfig, train
 from tests.helpers import ROWS, one_line_error, training_args, write_weighted
 
+# --- the checkpoint --------------------------------------------------------------------------------------------------
+
 
 def test_checkpoint_is_sft_style_with_model_card(reference_dir, tmp_path):
     sidecar = {"weighting": "rlhf", "beta": 0.37, "num_prompts": 2, "ess_min": 1.5, "ess_median": 1.7}
@@ -70,6 +72,9 @@ def test_train_errors_name_its_own_flag(reference_dir, generated, tmp_path, run_
     argv = ["train", "--model_name_or_path", reference_dir, "--dataset_dir", generated, "--output_dir", tmp_path / "m"]
     code, _, err = run_cli(argv)
     assert code == 2 and f"--dataset_dir {generated}: missing column(s) ['weight']" in err and "--input_dir" not in err
+
+
+# --- resuming from checkpoints of the same run only ------------------------------------------------------------------
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(reference_dir, tmp_path, monkeypatch):

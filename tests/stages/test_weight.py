@@ -33,6 +33,9 @@ from tests.helpers import (
 PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
 
 
+# --- the log-weight of each sample -----------------------------------------------------------------------------------
+
+
 def test_rlhf_weights_are_softmax_of_reward_over_beta_within_each_prompt():
     dataset = make_samples([0, 0, 0, 1, 1], reward=[0.0, 1.0, 2.0, 5.0, 5.0], ref_logprob=[-1, -2, -3, -1, -4])
     weighted, _ = weigh(dataset, weight_config(weighting="rlhf", beta=0.5))
@@ -87,6 +90,9 @@ def test_proposal_correction_applies_to_rlif_too():
     dataset = make_samples([0, 0], ref_logprob=[-1.0, -2.0], proposal_logprob=[-2.0, -1.0])
     weights = weights_of(dataset, weight_config(weighting="rlif", rlif_exponent=1.0))
     assert weights == pytest.approx(softmax([0.0, -3.0]), rel=1e-12)
+
+
+# --- settings and inputs: errors name the problem --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("beta", [0.0, -1.0, None])
@@ -188,6 +194,9 @@ def test_null_reward_names_the_column_and_row():
         weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0))
 
 
+# --- the stage function ----------------------------------------------------------------------------------------------
+
+
 def test_weight_stage_needs_the_reward_column_for_rlhf(tmp_path):
     make_samples([0, 0]).save_to_disk(str(tmp_path / "generated"))
     cfg = WeightConfig(input_dir=str(tmp_path / "generated"), output_dir=str(tmp_path / "out"), beta=1.0)
@@ -251,6 +260,9 @@ def test_summary_median_of_two_prompts_is_their_mean():
     assert summary["share_ess_below_2"] == pytest.approx(0.5)
 
 
+# --- warnings --------------------------------------------------------------------------------------------------------
+
+
 def test_weights_resting_on_few_samples_warn_with_the_samples_needed(tmp_path, capsys):
     scored = tmp_path / "scored"
     make_samples([0] * 4, reward=[1000.0, 0.0, 0.0, 0.0]).save_to_disk(str(scored))
@@ -301,6 +313,9 @@ def test_the_few_samples_warning_names_the_weightings_own_knob(
     else:
         assert "plug-in KL(pi* || p) within log 10 of its ceiling" in err and f"or {advice}." in err
         assert "raise beta" not in err
+
+
+# --- a diffusion pipeline's samples ----------------------------------------------------------------------------------
 
 
 def test_rewards_see_images_and_rlhf_weights_need_no_log_probabilities(random_pipeline, pipeline_config, tmp_path):
