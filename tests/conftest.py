@@ -96,7 +96,7 @@ def exact_pair(reference_dir, tuned_dir, prompts_file) -> dict:
     }
 
 
-# --- stage settings ------------------------------------------------------------------------------------------------
+# --- stage settings --------------------------------------------------------------------------------------------------
 
 
 def _paths_as_text(settings: dict) -> dict:
@@ -190,7 +190,7 @@ def toy_recipe(reference_dir, prompts_file):
     return write
 
 
-# --- toy stage folders, made once and only read --------------------------------------------------------------------
+# --- toy stage folders, made once and only read ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -221,7 +221,7 @@ def weighted(scored, tmp_path_factory):
     return path
 
 
-# --- the command line ----------------------------------------------------------------------------------------------
+# --- the command line ------------------------------------------------------------------------------------------------
 
 CliResult = namedtuple("CliResult", "code out err")
 
@@ -244,7 +244,7 @@ def run_cli(capsys):
     return run
 
 
-# --- toy diffusion pipelines ---------------------------------------------------------------------------------------
+# --- toy diffusion pipelines -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
 
 
-# --- the command line --------------------------------------------------------------------------------------------------
+# --- the command line ------------------------------------------------------------------------------------------------
 
 
 def generate_args(reference_dir, prompts_file, output_dir, *extra) -> list:
@@ -50,7 +50,7 @@ def one_line_error(code: int, err: str, command: str) -> bool:
     )
 
 
-# --- reward functions written to files -----------------------------------------------------------------------------
+# --- reward functions written to files -------------------------------------------------------------------------------
 
 
 def write_reward(path, body: str) -> str:
@@ -215,7 +215,7 @@ def outcomes(exact: dict, dataset, prompt_index: int) -> torch.Tensor:
     return torch.tensor([exact["index"][tuple(r["completion_ids"])] for r in dataset if r["prompt_index"] == prompt_index])  # fmt: skip
 
 
-# --- weighted rows and tiny language models ------------------------------------------------------------------------
+# --- weighted rows and tiny language models --------------------------------------------------------------------------
 
 ROWS = [
     # prompt "1 + 2 =", completions of different lengths so a per-token mean would differ from the sum
@@ -277,7 +277,7 @@ def varied_rows(count: int) -> list[dict]:
     return random_rows([(rng.randrange(1, 5), rng.randrange(1, 40)) for _ in range(count)])
 
 
-# --- training a class-conditional pipeline -------------------------------------------------------------------------
+# --- training a class-conditional pipeline ---------------------------------------------------------------------------
 
 DIFFUSION_FLAGS = {
     "learning_rate": 0.05, "optim": "sgd", "lr_scheduler_type": "constant", "seed": 0, "report_to": "none",

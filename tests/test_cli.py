@@ -21,6 +21,11 @@ from tests.helpers import REPO_ROOT, generate_args, nothing_made, one_line_error
 REWARD = "rlfree.toy:arithmetic_reward"
 
 
+# The real `python -m rlfree weight` run pays several seconds of imports, so it starts in the background when this
+# module starts and the test at the bottom of the file collects its result. (The failing call is checked in-process
+# through `main`, the same entry point, to keep the suite fast on a busy machine.)
+
+
 class CliRun:
     def __init__(self, root: Path, process: subprocess.Popen):
         self.root, self.process, self._result = root, process, None
@@ -86,18 +91,6 @@ def test_main_rejects_an_unknown_flag_with_exit_code_2():
     with pytest.raises(SystemExit) as exit_info:
         main(["weight", "--input_dir", "i", "--output_dir", "o", "--beta", "1", "--betta", "2"])
     assert exit_info.value.code == 2
-
-
-def test_python_m_rlfree_weight_exits_0_and_writes_the_weighted_dataset(cli_run):
-    returncode, stdout, stderr = cli_run.result()
-    assert returncode == 0, stderr
-    output = cli_run.root / "weighted"
-    weights = load_from_disk(str(output)).to_dict()["weight"]
-    e2 = math.exp(2)  # r / beta = 2, 0, 0
-    assert weights == pytest.approx([e2 / (e2 + 2), 1 / (e2 + 2), 1 / (e2 + 2)], rel=1e-12)
-    assert json.loads((output / "weighting.json").read_text())["beta"] == 0.5
-    assert "ESS" in stdout
-    assert f"wrote weights to {output}" in stdout
 
 
 def test_weight_with_negative_beta_exits_2_naming_the_flag(tmp_path, capsys):
@@ -248,3 +241,18 @@ def test_bad_inputs_get_one_line_naming_the_input_and_create_nothing(
         assert "'[' was never closed (at" in err and "bad.py:2)" in err
     if case == "inspect on a missing path":
         assert "nowhere: no such folder" in err
+
+
+# --- the real command (started in the background when this module starts) --------------------------------------------
+
+
+def test_python_m_rlfree_weight_exits_0_and_writes_the_weighted_dataset(cli_run):
+    returncode, stdout, stderr = cli_run.result()
+    assert returncode == 0, stderr
+    output = cli_run.root / "weighted"
+    weights = load_from_disk(str(output)).to_dict()["weight"]
+    e2 = math.exp(2)  # r / beta = 2, 0, 0
+    assert weights == pytest.approx([e2 / (e2 + 2), 1 / (e2 + 2), 1 / (e2 + 2)], rel=1e-12)
+    assert json.loads((output / "weighting.json").read_text())["beta"] == 0.5
+    assert "ESS" in stdout
+    assert f"wrote weights to {output}" in stdout

@@ -11,10 +11,7 @@ from rlfree.cli import main
 from rlfree.commands import command_types
 from rlfree.errors import StageInputError
 from rlfree.recipe import parse_command
-from tests.helpers import (
-    RECIPES,
-    REPO_ROOT,
-)
+from tests.helpers import RECIPES, REPO_ROOT
 
 
 def test_without_trl_the_error_names_the_extra(monkeypatch):

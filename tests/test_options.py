@@ -8,10 +8,7 @@ import pytest
 from rlfree.errors import StageInputError
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig
-from tests.helpers import (
-    generate_args,
-    nothing_made,
-)
+from tests.helpers import generate_args, nothing_made
 
 
 def test_bad_settings_name_the_flag(generate_config, tmp_path):

@@ -7,11 +7,7 @@ import torch
 
 from rlfree.seeds import pick_uniforms, sample_seed, stream_seed, uniforms
 from rlfree.weights import pick
-from tests.helpers import (
-    CHI2_CRITICAL,
-    chi_square,
-    replicated,
-)
+from tests.helpers import CHI2_CRITICAL, chi_square, replicated
 
 
 def test_counter_based_pick_uniforms_give_softmax_picks():

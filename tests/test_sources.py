@@ -7,10 +7,7 @@ import json
 import shutil
 
 from rlfree.sources import context_length
-from tests.helpers import (
-    generate_args,
-    nothing_made,
-)
+from tests.helpers import generate_args, nothing_made
 
 
 def test_model_folders_are_checked_up_front(prompts_file, reference_dir, tmp_path, monkeypatch, run_cli):

@@ -9,9 +9,7 @@ from transformers import AutoModelForCausalLM
 from rlfree.cli import main
 from rlfree.commands import command_types
 from rlfree.recipe import parse_command
-from tests.helpers import (
-    RECIPES,
-)
+from tests.helpers import RECIPES
 
 
 def test_toy_recipe_shares_beta_and_reward_with_rlfree():

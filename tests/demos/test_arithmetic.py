@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from tests.helpers import (
-    one_line_error,
-)
+from tests.helpers import one_line_error
 
 
 def test_a_demo_over_one_with_other_settings_stops_before_changing_anything(tmp_path, run_cli):

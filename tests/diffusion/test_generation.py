@@ -12,9 +12,7 @@ import torch
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
 from rlfree.errors import StageInputError
 from rlfree.stages.generate import generate
-from tests.helpers import (
-    TEXT_PROMPTS,
-)
+from tests.helpers import TEXT_PROMPTS
 
 
 def test_samples_depend_on_seed_prompt_and_index_only(random_pipeline, pipeline_config, tmp_path):

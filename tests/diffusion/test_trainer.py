@@ -17,11 +17,7 @@ from rlfree.lm.trainer import RLFreeConfig
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import ModelConfig, train
 from rlfree.stages.weight import WeightConfig, weight
-from tests.helpers import (
-    max_deviation,
-    train_here,
-    unet_weights,
-)
+from tests.helpers import max_deviation, train_here, unet_weights
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"
 BRIGHTNESS = "tests.helpers:brightness"

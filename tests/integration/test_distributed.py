@@ -4,7 +4,8 @@ starts two gloo ranks; each run asserts that it saw a world of two.
 Training: 1 process x batch 32, 1 x 16 with 2 accumulation steps, 2 processes x 16, and 2 x 8 with 2 accumulation
 steps all take optimizer steps over the same 32 sequences; with the loss divided by the same constant everywhere they
 must end with the same weights. Plain SGD keeps the comparison sharp (Adam's first steps are nearly sign(g) and would
-hide a wrong scale). Generation, scoring and whole recipes write the same datasets with two processes as with one."""
+hide a wrong scale). Generation, scoring and whole recipes write the same datasets with two processes as with one.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +23,7 @@ from rlfree.lm.trainer import RLFreeConfig
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import ModelConfig, train
-from tests.helpers import (
-    DIFFUSION_FLAGS,
-    assert_same_rows,
-    max_deviation,
-    train_here,
-    unet_weights,
-)
+from tests.helpers import DIFFUSION_FLAGS, assert_same_rows, max_deviation, train_here, unet_weights
 
 REWARD = "rlfree.toy:arithmetic_reward"
 

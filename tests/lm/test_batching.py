@@ -17,12 +17,7 @@ from rlfree.lm.modeling import (
     pad_prompt_completion,
 )
 from rlfree.lm.trainer import RLFreeTrainer
-from tests.helpers import (
-    random_rows,
-    tiny_llama,
-    training_args,
-    write_weighted,
-)
+from tests.helpers import random_rows, tiny_llama, training_args, write_weighted
 
 # (prompt, completion) lengths: varied, one empty completion, one empty prompt (its first token is never scored).
 LENGTHS = [(5, 9), (2, 1), (7, 13), (1, 4), (3, 0), (0, 6), (4, 2)]

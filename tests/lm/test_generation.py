@@ -12,10 +12,7 @@ from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.lm import generation
 from rlfree.stages.generate import generate
-from tests.helpers import (
-    generate_args,
-    nothing_made,
-)
+from tests.helpers import generate_args, nothing_made
 
 
 @pytest.mark.parametrize(("mismatch", "message"), [("vocab", "different vocabularies"), ("eos", "EOS ids")])

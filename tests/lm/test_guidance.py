@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlfree.stages.generate import generate
-from tests.helpers import (
-    outcomes,
-    sequence_mix,
-    token_level_mix,
-    total_variation,
-)
+from tests.helpers import outcomes, sequence_mix, token_level_mix, total_variation
 
 
 def test_guided_candidates_carry_the_exact_mix_and_both_models_log_probabilities(

@@ -23,12 +23,7 @@ from rlfree.lm.modeling import (
     pad_prompt_completion,
 )
 from rlfree.lm.trainer import RLFreeTrainer
-from tests.helpers import (
-    ROWS,
-    VOCAB_SIZE,
-    training_args,
-    write_weighted,
-)
+from tests.helpers import ROWS, VOCAB_SIZE, training_args, write_weighted
 
 SMALL = {"vocab_size": 97, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}  # fmt: skip

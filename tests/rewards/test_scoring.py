@@ -16,11 +16,7 @@ from rlfree.errors import StageInputError
 from rlfree.rewards.scoring import RewardModel, load_reward_function, score_dataset
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
-from tests.helpers import (
-    one_line_error,
-    write_module,
-    write_reward,
-)
+from tests.helpers import one_line_error, write_module, write_reward
 
 
 def generated_dataset(**extra_columns) -> Dataset:

@@ -10,12 +10,7 @@ from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.lm.energy import EnergySearch
 from rlfree.stages.sample import SampleConfig, sample
-from tests.helpers import (
-    exact_draw_tv,
-    histogram,
-    outcomes,
-    total_variation,
-)
+from tests.helpers import exact_draw_tv, histogram, outcomes, total_variation
 
 REWARD = "rlfree.toy:arithmetic_reward"
 

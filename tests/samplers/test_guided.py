@@ -11,14 +11,7 @@ from transformers import AutoModelForCausalLM
 from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.stages.sample import SampleConfig, sample
-from tests.helpers import (
-    exact_draw_tv,
-    histogram,
-    outcomes,
-    sequence_mix,
-    token_level_mix,
-    total_variation,
-)
+from tests.helpers import exact_draw_tv, histogram, outcomes, sequence_mix, token_level_mix, total_variation
 
 REWARD = "rlfree.toy:arithmetic_reward"
 

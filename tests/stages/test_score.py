@@ -11,12 +11,7 @@ from datasets import Dataset, load_from_disk
 from rlfree.errors import StageInputError
 from rlfree.stages import score as score_stage
 from rlfree.stages.score import ScoreConfig, score
-from tests.helpers import (
-    nothing_made,
-    one_line_error,
-    write_module,
-    write_reward,
-)
+from tests.helpers import nothing_made, one_line_error, write_module, write_reward
 
 INVALID_REWARDS = """
 import math

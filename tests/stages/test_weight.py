@@ -20,15 +20,7 @@ from rlfree.errors import StageInputError
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.weight import WeightConfig, weight, weight_dataset
-from tests.helpers import (
-    make_samples,
-    nothing_made,
-    softmax,
-    weigh,
-    weight_config,
-    weights_of,
-    write_reward,
-)
+from tests.helpers import make_samples, nothing_made, softmax, weigh, weight_config, weights_of, write_reward
 
 PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
 

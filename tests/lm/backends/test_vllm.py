@@ -1,6 +1,7 @@
 """The vLLM backend against exact answers on the enumerable toy, with the real CPU engine (`make test-vllm`).
 
-vLLM's CPU attention needs heads of at least 32 dimensions, so the toy pi_ref here has 2 heads of 32."""
+vLLM's CPU attention needs heads of at least 32 dimensions, so the toy pi_ref here has 2 heads of 32.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +19,7 @@ from rlfree.evaluation.inspect import InspectConfig, inspect
 from rlfree.lm.backends.vllm import VLLMBackend
 from rlfree.stages.generate import GenerateConfig, generate
 from rlfree.weights import normalize_per_group
-from tests.helpers import (
-    exact_draw_tv,
-    histogram,
-    total_variation,
-)
+from tests.helpers import exact_draw_tv, histogram, total_variation
 
 pytestmark = pytest.mark.vllm
 
