@@ -118,6 +118,20 @@ def generate_config(reference_dir, prompts_file):
 
 
 @pytest.fixture(scope="session")
+def sample_config(reference_dir, prompts_file):
+    """`sample_config(output_dir, **overrides)`: `rlfree sample`'s settings for the toy pi_ref on the four toy prompts
+    with at most 3 new tokens; the sampler, its reward and every other field come from the overrides or SampleConfig's
+    defaults. Paths may be given as Path objects."""
+    from rlfree.stages.sample import SampleConfig
+
+    def make(output_dir, **overrides):
+        settings = {"model_name_or_path": reference_dir, "prompts": prompts_file, "output_dir": output_dir}
+        return SampleConfig(**_paths_as_text(settings | {"max_new_tokens": 3} | overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def pipeline_config():
     """`pipeline_config(pipeline, output_dir, prompts=None, **overrides)`: `rlfree generate`'s settings for a toy
     diffusion pipeline (prompts only for a conditional one), with 2 denoising steps unless overridden."""

@@ -1,5 +1,5 @@
-"""The command line (`rlfree.cli`): exit codes, one-line errors on stderr, messages printed once per `accelerate launch`
-job, a fast `--help`, and the real `python -m rlfree`."""
+"""The command line (`rlfree.cli`): exit codes, one-line errors on stderr, messages printed once per
+`accelerate launch` job, a fast `--help`, and the real `python -m rlfree`."""
 
 from __future__ import annotations
 

@@ -152,20 +152,15 @@ def test_prompt_columns_named_like_stage_columns_are_refused(reference_dir, tmp_
         assert code == 2 and f"column(s) ['{column}']" in err and nothing_made(out)
 
 
-def test_every_column_a_stage_writes_is_reserved(weighted, reference_dir, prompts_file, tmp_path):
+def test_every_column_a_stage_writes_is_reserved(weighted, tmp_path, sample_config):
     """`STAGE_COLUMNS` is what a prompt file may not carry: it must name every column the stages write, or a prompt
     column of that name would again replace one silently."""
     from rlfree.data import REWARD_COLUMN_PREFIX, STAGE_COLUMNS
-    from rlfree.stages.sample import SampleConfig, sample
+    from rlfree.stages.sample import sample
 
     reserved = set().union(*STAGE_COLUMNS.values())
     inputs = {"prompt", "answer"}  # the prompt file's own columns
-    sample(
-        SampleConfig(
-            str(reference_dir), str(prompts_file), str(tmp_path / "soft"), soft_best_of_n=2, beta=0.5,
-            reward=[REWARD], max_new_tokens=3,
-        )
-    )  # fmt: skip
+    sample(sample_config(tmp_path / "soft", soft_best_of_n=2, beta=0.5, reward=[REWARD]))
     for folder in (weighted, tmp_path / "soft" / "picked"):
         written = set(load_from_disk(str(folder)).column_names) - inputs
         unreserved = {name for name in written - reserved if not name.startswith(REWARD_COLUMN_PREFIX)}

@@ -266,8 +266,6 @@ def test_a_command_line_alternative_drops_only_its_own_group(tmp_path):
 
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
-
-
 PIPELINE = ("generate", "weight", "train")  # the sections `rlfree run` needs
 
 

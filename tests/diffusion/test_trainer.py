@@ -1,5 +1,5 @@
-"""The diffusion trainer: the weighted denoising loss, normalized per optimizer step, lands on the exact tilt; a resumed
-run is the uninterrupted one."""
+"""The diffusion trainer: the weighted denoising loss, normalized per optimizer step, lands on the exact tilt; a
+resumed run is the uninterrupted one."""
 
 from __future__ import annotations
 

@@ -18,16 +18,10 @@ from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, bootstrap_m
 from rlfree.evaluation.inspect import format_number
 from rlfree.stages.sample import SampleConfig, sample
 
-PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
-
 REWARD = ["rlfree.toy:arithmetic_reward"]
-
-
+PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
 MAX_NEW_TOKENS = 3  # two answer digits + EOS: every completion is enumerable
-
-
 NUM_PROMPTS, K = 8, 64
-
 
 # The samples are seeded, so each check passes or fails for good: test at 99.9% so that a correct estimator fails on
 # about one seed in a thousand, not one in twenty, while a biased one (off by a few standard errors) still fails.
@@ -188,24 +182,17 @@ def soft_best_of_n_accuracy(accuracy: np.ndarray, n: int, beta: float) -> np.nda
     return (binomial * right).sum(-1)
 
 
-def test_a_sampler_is_a_contestant(model_a_dir, reference_dir, eval_prompts, exact, write_toy_prompts, tmp_path):
+def test_a_sampler_is_a_contestant(
+    model_a_dir, reference_dir, eval_prompts, exact, write_toy_prompts, tmp_path, sample_config
+):
     """`rlfree sample`'s output folder stands in for a model: its picks are scored with the comparison's reward
     (accuracy and win rate against their exact values), its cost comes from its sidecar, and it has no KL."""
     accuracy, _ = exact
     n, beta = 4, 0.5
-    sample(
-        SampleConfig(
-            model_name_or_path=str(reference_dir),
-            prompts=str(eval_prompts[0]),
-            output_dir=str(tmp_path / "soft"),
-            soft_best_of_n=n,
-            beta=beta,
-            reward=REWARD,
-            num_picks=K,
-            max_new_tokens=MAX_NEW_TOKENS,
-            seed=2,
-        )
+    config = sample_config(
+        tmp_path / "soft", prompts=eval_prompts[0], soft_best_of_n=n, beta=beta, reward=REWARD, num_picks=K, seed=2
     )
+    sample(config)
     picks_accuracy = soft_best_of_n_accuracy(accuracy["ref"], n, beta)
     assert picks_accuracy.mean() > accuracy["ref"].mean() + 0.1  # the sampler is visibly better than pi_ref
     shared = {
@@ -261,7 +248,7 @@ def test_evaluate_and_ab_take_pipelines_and_their_samplers(random_pipeline, refe
     denoising steps, there is no KL; a soft best-of-N sampler over the pipeline is a contestant like any other, and
     its picks beat the pipeline's own samples on the reward they were picked by."""
     from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, evaluate, win_rates
-    from rlfree.stages.sample import SampleConfig, sample
+    from rlfree.stages.sample import sample
 
     settings = {"reward": [PLUS_REWARD], "num_inference_steps": 2, "num_bootstrap": 200}
     report = evaluate(EvaluateConfig(str(random_pipeline), None, str(tmp_path / "eval"), num_samples=64, **settings))

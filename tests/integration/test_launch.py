@@ -23,7 +23,6 @@ from tests.helpers import REPO_ROOT
 
 LAUNCH = REPO_ROOT / "launch"
 
-
 # file -> (distributed_type, what `accelerate launch` must put in the launched processes' environment)
 EXPECTED = {
     "single_gpu.yaml": ("NO", {"CUDA_VISIBLE_DEVICES": "0"}),

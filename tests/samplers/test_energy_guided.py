@@ -9,36 +9,32 @@ import pytest
 from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.lm.energy import EnergySearch
-from rlfree.stages.sample import SampleConfig, sample
+from rlfree.stages.sample import sample
 from tests.helpers import exact_draw_tv, histogram, outcomes, total_variation
 
 REWARD = "rlfree.toy:arithmetic_reward"
-
-
 MAX_NEW_TOKENS = 3
 
 
-def energy_config(reference_dir, prompts_file, output_dir, **overrides) -> SampleConfig:
-    settings = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 4096, "seed": 0, "beta": 0.5} | overrides
-    return SampleConfig(
-        model_name_or_path=str(reference_dir),
-        prompts=str(prompts_file),
-        output_dir=str(output_dir),
-        reward=[REWARD],
-        **settings,
+@pytest.fixture
+def energy_config(sample_config):
+    """`energy_config(output_dir, **overrides)`: sample_config picking by the arithmetic reward at beta 0.5, batches
+    of 4096, seed 0."""
+    return lambda output_dir, **overrides: sample_config(
+        output_dir, reward=[REWARD], **{"batch_size": 4096, "seed": 0, "beta": 0.5} | overrides
     )
 
 
-def test_one_block_of_energy_guided_sampling_is_soft_best_of_m(reference_dir, prompts_file, tmp_path):
+def test_one_block_of_energy_guided_sampling_is_soft_best_of_m(tmp_path, energy_config):
     """A block as long as the completion: the energy is exp(r/beta) itself, and the picks are soft best-of-M's."""
     settings = {"num_picks": 6, "shard_size": 3}
     ets = sample(
         energy_config(
-            reference_dir, prompts_file, tmp_path / "ets", energy_guided=True, block_size=MAX_NEW_TOKENS,
-            num_candidates=4, num_rollouts=3, **settings,
+            tmp_path / "ets", energy_guided=True, block_size=MAX_NEW_TOKENS, num_candidates=4, num_rollouts=3,
+            **settings,
         )
     )  # fmt: skip
-    best_of_m = sample(energy_config(reference_dir, prompts_file, tmp_path / "bon", soft_best_of_n=4, **settings))
+    best_of_m = sample(energy_config(tmp_path / "bon", soft_best_of_n=4, **settings))
     assert ets["completion_ids"] == best_of_m["completion_ids"]
     assert ets["pick_probability"] == pytest.approx(best_of_m["pick_probability"])
     assert ets["reward"] == best_of_m["reward"]
@@ -46,7 +42,7 @@ def test_one_block_of_energy_guided_sampling_is_soft_best_of_m(reference_dir, pr
 
 
 @pytest.mark.slow
-def test_energy_guided_samples_approach_pi_star_as_candidates_and_rollouts_grow(reference_dir, prompts_file, exact_pair, tmp_path):  # fmt: skip
+def test_energy_guided_samples_approach_pi_star_as_candidates_and_rollouts_grow(exact_pair, energy_config, tmp_path):
     """Block size 1: three blocks per completion, each picked by estimated energy. TV to the exact pi* falls."""
     num_picks = 400
     target = toy.tilt(exact_pair["ref"], exact_pair["rewards"], 0.5).exp()
@@ -54,8 +50,8 @@ def test_energy_guided_samples_approach_pi_star_as_candidates_and_rollouts_grow(
     for m, k in [(2, 2), (8, 8)]:
         picked = sample(
             energy_config(
-                reference_dir, prompts_file, tmp_path / f"ets-{m}-{k}", energy_guided=True, block_size=1,
-                num_candidates=m, num_rollouts=k, num_picks=num_picks,
+                tmp_path / f"ets-{m}-{k}", energy_guided=True, block_size=1, num_candidates=m, num_rollouts=k,
+                num_picks=num_picks,
             )
         )  # fmt: skip
         tv[m, k] = [
@@ -69,14 +65,14 @@ def test_energy_guided_samples_approach_pi_star_as_candidates_and_rollouts_grow(
 
 
 def test_energy_guided_resumes_to_the_same_picks_and_reports_rollout_clipping(
-    reference_dir, tuned_dir, prompts_file, tmp_path, monkeypatch
+    tuned_dir, tmp_path, monkeypatch, energy_config
 ):
     """ETS-IS with another rollout model, interrupted after two shards of one prompt and run again."""
 
     def config(output_dir):
         return energy_config(
-            reference_dir, prompts_file, output_dir, energy_guided=True, block_size=1, num_candidates=2,
-            num_rollouts=2, rollout_model=str(tuned_dir), rollout_log_ratio_clip=0.5, num_picks=2, shard_size=1,
+            output_dir, energy_guided=True, block_size=1, num_candidates=2, num_rollouts=2,
+            rollout_model=str(tuned_dir), rollout_log_ratio_clip=0.5, num_picks=2, shard_size=1,
         )  # fmt: skip
 
     original, calls = EnergySearch.run, []
@@ -100,6 +96,6 @@ def test_energy_guided_resumes_to_the_same_picks_and_reports_rollout_clipping(
     assert 0 < sidecar["rollout_log_ratio_clipped"] <= 1  # a tight clip bites
     assert sidecar["cost"]["picks"] == len(resumed) == 8
     with pytest.raises(StageInputError, match="temperature 1"):
-        energy_config(reference_dir, prompts_file, tmp_path / "x", energy_guided=True, temperature=0.7)
+        energy_config(tmp_path / "x", energy_guided=True, temperature=0.7)
     with pytest.raises(StageInputError, match="--beta must be finite and > 0"):
-        energy_config(reference_dir, prompts_file, tmp_path / "x", energy_guided=True, beta=0.0)
+        energy_config(tmp_path / "x", energy_guided=True, beta=0.0)

@@ -16,23 +16,21 @@ from tests.helpers import exact_draw_tv, histogram, outcomes, sequence_mix, toke
 REWARD = "rlfree.toy:arithmetic_reward"
 
 
-MAX_NEW_TOKENS = 3
+@pytest.fixture
+def guided_config(sample_config, reference_dir):
+    """`guided_config(tuned, output_dir, **overrides)`: sample_config mixing the model `tuned` with pi_ref
+    (--ref_model), one candidate per pick, batches of 2048, seed 0."""
 
+    def make(tuned, output_dir, **overrides):
+        settings = {"batch_size": 2048, "seed": 0, "guidance_candidates": 1} | overrides
+        return sample_config(output_dir, model_name_or_path=tuned, ref_model=reference_dir, **settings)
 
-def guided_config(reference_dir, tuned_dir, prompts_file, output_dir, **overrides) -> SampleConfig:
-    settings = {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 2048, "seed": 0, "guidance_candidates": 1} | overrides
-    return SampleConfig(
-        model_name_or_path=str(tuned_dir),
-        ref_model=str(reference_dir),
-        prompts=str(prompts_file),
-        output_dir=str(output_dir),
-        **settings,
-    )
+    return make
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
-def test_guidance_scale_zero_is_pi_ref_and_one_is_the_tuned_model(reference_dir, tuned_dir, prompts_file, tmp_path, scale):  # fmt: skip
-    picked = sample(guided_config(reference_dir, tuned_dir, prompts_file, tmp_path / "out", guidance_scale=scale, num_picks=8))  # fmt: skip
+def test_guidance_scale_zero_is_pi_ref_and_one_is_the_tuned_model(tuned_dir, guided_config, tmp_path, scale):
+    picked = sample(guided_config(tuned_dir, tmp_path / "out", guidance_scale=scale, num_picks=8))
     column = "ref_logprob" if scale == 0 else "model_logprob"
     for row in picked:
         assert row["proposal_logprob"] == pytest.approx(row[column], abs=1e-4)
@@ -47,7 +45,7 @@ def nearby_dir(save_toy_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_exact_guided_picks_follow_the_sequence_level_mix(reference_dir, nearby_dir, prompts_file, exact_pair, tmp_path, scale):  # fmt: skip
+def test_exact_guided_picks_follow_the_sequence_level_mix(nearby_dir, exact_pair, guided_config, tmp_path, scale):
     """M = 16 reweighted candidates per pick: as close to pi_ref^(1-w)·pi_theta^w as exact draws of the same size.
 
     Picking one of M importance-weighted candidates is exact only as M outgrows 1 + chi^2(mix || token-level mix).
@@ -55,12 +53,10 @@ def test_exact_guided_picks_follow_the_sequence_level_mix(reference_dir, nearby_
     least four times it, and elsewhere the picks must do no worse than token-level mixing (by more than the bound).
     """
     num_picks = 400
-    picked = sample(
-        guided_config(
-            reference_dir, nearby_dir, prompts_file, tmp_path / "out", guidance_scale=scale, guidance_candidates=16,
-            num_picks=num_picks,
-        )
-    )  # fmt: skip
+    config = guided_config(
+        nearby_dir, tmp_path / "out", guidance_scale=scale, guidance_candidates=16, num_picks=num_picks
+    )
+    picked = sample(config)
     nearby = dict(
         exact_pair, models=exact_pair["models"] | {"tuned": AutoModelForCausalLM.from_pretrained(nearby_dir).eval()}
     )
@@ -94,14 +90,14 @@ def test_exact_guided_picks_follow_the_sequence_level_mix(reference_dir, nearby_
     assert asserted >= 2
 
 
-def test_guidance_flags_are_checked(reference_dir, tuned_dir, prompts_file, tmp_path):
+def test_guidance_flags_are_checked(tuned_dir, prompts_file, guided_config, tmp_path):
     with pytest.raises(StageInputError, match="--guidance_scale must be finite and >= 0"):
-        guided_config(reference_dir, tuned_dir, prompts_file, tmp_path, guidance_scale=-0.5)
+        guided_config(tuned_dir, tmp_path, guidance_scale=-0.5)
     with pytest.raises(StageInputError, match="--backend hf only"):
-        guided_config(reference_dir, tuned_dir, prompts_file, tmp_path, guidance_scale=1.5, backend="vllm")
+        guided_config(tuned_dir, tmp_path, guidance_scale=1.5, backend="vllm")
     with pytest.raises(StageInputError, match="uses no reward"):
-        guided_config(reference_dir, tuned_dir, prompts_file, tmp_path, guidance_scale=1.5, reward=[REWARD])
+        guided_config(tuned_dir, tmp_path, guidance_scale=1.5, reward=[REWARD])
     with pytest.raises(StageInputError, match="choose one sampler"):
-        guided_config(reference_dir, tuned_dir, prompts_file, tmp_path, guidance_scale=1.5, soft_best_of_n=4)
+        guided_config(tuned_dir, tmp_path, guidance_scale=1.5, soft_best_of_n=4)
     with pytest.raises(StageInputError, match="--ref_model"):
         SampleConfig(str(tuned_dir), str(prompts_file), str(tmp_path), guidance_scale=1.5)

@@ -15,19 +15,15 @@ from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.stages.sample import SampleConfig, soft_best_of_n
 
+REWARD = "rlfree.toy:arithmetic_reward"
 PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
 
-REWARD = "rlfree.toy:arithmetic_reward"
 
-
-def _config(reference_dir, prompts_file, output_dir, **overrides) -> SampleConfig:
-    settings = {"max_new_tokens": 3, "batch_size": 512, "seed": 0} | overrides
-    return SampleConfig(
-        model_name_or_path=str(reference_dir),
-        prompts=str(prompts_file),
-        output_dir=str(output_dir),
-        reward=[REWARD],
-        **settings,
+@pytest.fixture
+def soft_config(sample_config):
+    """`soft_config(output_dir, **overrides)`: sample_config picking by the arithmetic reward, batches of 512, seed 0."""
+    return lambda output_dir, **overrides: sample_config(
+        output_dir, reward=[REWARD], **{"batch_size": 512, "seed": 0} | overrides
     )
 
 
@@ -50,7 +46,7 @@ def _soft_bon_accuracy(p: torch.Tensor, n: int, beta: float) -> torch.Tensor:
     return (pmf * k * boost / (k * boost + n - k)).sum(-1)
 
 
-def test_soft_best_of_n_converges_to_the_exact_tilted_accuracy(exact, reference_dir, prompts_file, tmp_path):
+def test_soft_best_of_n_converges_to_the_exact_tilted_accuracy(exact, tmp_path, soft_config):
     n, beta, picks = 32, 0.5, 256
     ref_logprobs, rewards = exact
     correct = (rewards == 1).double()
@@ -61,9 +57,7 @@ def test_soft_best_of_n_converges_to_the_exact_tilted_accuracy(exact, reference_
     assert torch.all(expected < star) and torch.all(star - expected < 0.015)
     assert torch.all(_soft_bon_accuracy(p, 4 * n, beta) > expected)
 
-    picked = soft_best_of_n(
-        _config(reference_dir, prompts_file, tmp_path, soft_best_of_n=n, beta=beta, num_picks=picks)
-    )
+    picked = soft_best_of_n(soft_config(tmp_path, soft_best_of_n=n, beta=beta, num_picks=picks))
     accuracy = torch.tensor(picked["reward"], dtype=torch.float64).view(len(p), picks).mean(-1)
     # Every pick uses its own N fresh candidates, so picks are i.i.d. Bernoulli(expected): 4 sigma per prompt.
     sigma = (expected * (1 - expected) / picks).sqrt()
@@ -73,21 +67,19 @@ def test_soft_best_of_n_converges_to_the_exact_tilted_accuracy(exact, reference_
     assert abs(accuracy.mean() - star.mean()) < 4 * mean_sigma + (star - expected).mean()
 
 
-def test_hard_best_of_n_matches_one_minus_miss_probability(exact, reference_dir, prompts_file, tmp_path):
+def test_hard_best_of_n_matches_one_minus_miss_probability(exact, tmp_path, soft_config):
     n, picks = 2, 512
     ref_logprobs, rewards = exact
     p = (ref_logprobs.exp() * (rewards == 1).double()).sum(-1)
     expected = 1 - (1 - p) ** n
-    picked = soft_best_of_n(
-        _config(reference_dir, prompts_file, tmp_path, soft_best_of_n=n, beta=0.0, num_picks=picks)
-    )
+    picked = soft_best_of_n(soft_config(tmp_path, soft_best_of_n=n, beta=0.0, num_picks=picks))
     accuracy = torch.tensor(picked["reward"], dtype=torch.float64).view(len(p), picks).mean(-1)
     sigma = (expected * (1 - expected) / picks).sqrt()
     assert torch.all((accuracy - expected).abs() < 4 * sigma), (accuracy, expected)
 
 
-def test_output_layout_sidecars_and_determinism(reference_dir, prompts_file, tmp_path):
-    config = _config(reference_dir, prompts_file, tmp_path / "a", soft_best_of_n=4, beta=1.0, num_picks=3)
+def test_output_layout_sidecars_and_determinism(tmp_path, soft_config):
+    config = soft_config(tmp_path / "a", soft_best_of_n=4, beta=1.0, num_picks=3)
     picked = soft_best_of_n(config)
     candidates = load_from_disk(str(tmp_path / "a" / "candidates"))
     scored = load_from_disk(str(tmp_path / "a" / "scored"))
@@ -110,25 +102,24 @@ def test_output_layout_sidecars_and_determinism(reference_dir, prompts_file, tmp
     for carried in ("generation.json", "scoring.json"):
         assert (tmp_path / "a" / "picked" / carried).is_file()
 
-    again = soft_best_of_n(
-        _config(reference_dir, prompts_file, tmp_path / "b", soft_best_of_n=4, beta=1.0, num_picks=3)
-    )
+    again = soft_best_of_n(soft_config(tmp_path / "b", soft_best_of_n=4, beta=1.0, num_picks=3))
     assert again.to_list() == picked.to_list()
 
 
-def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, tmp_path, long_prompts_file):
+def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, long_prompts_file, sample_config, tmp_path):
     from rlfree.evaluation.evaluate import EvaluateConfig, evaluate
-    from rlfree.stages.sample import SampleConfig, soft_best_of_n
 
-    prompts = long_prompts_file(tmp_path)
-    common = {"model_name_or_path": str(reference_dir), "prompts": str(prompts), "reward": [REWARD]}
-    picked = soft_best_of_n(
-        SampleConfig(
-            **common, output_dir=str(tmp_path / "bon"), soft_best_of_n=4, num_picks=2, max_new_tokens=3,
-            long_prompts="skip",
-        )
-    )  # fmt: skip
+    config = sample_config(
+        tmp_path / "bon",
+        prompts=long_prompts_file,
+        reward=[REWARD],
+        soft_best_of_n=4,
+        num_picks=2,
+        long_prompts="skip",
+    )
+    picked = soft_best_of_n(config)
     assert sorted(picked["prompt_index"]) == [0, 0, 2, 2] and sorted(picked["pick_index"]) == [0, 0, 1, 1]
+    common = {"model_name_or_path": str(reference_dir), "prompts": str(long_prompts_file), "reward": [REWARD]}
     report = evaluate(
         EvaluateConfig(
             **common, output_dir=str(tmp_path / "eval"), num_samples=4, max_new_tokens=3, long_prompts="skip"
@@ -140,7 +131,7 @@ def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, tmp_pa
 def test_soft_best_of_n_picks_follow_their_weights(random_pipeline, tmp_path):
     """`rlfree sample --soft_best_of_n` on a pipeline: each pick's probability is softmax(r/beta) over its N
     candidates, and the + frequency of the picks matches the mean of those probabilities (pick noise only)."""
-    from rlfree.stages.sample import SampleConfig, sample
+    from rlfree.stages.sample import sample
 
     n, beta, picks = 4, 0.5, 300
     picked = sample(

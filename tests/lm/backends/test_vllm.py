@@ -22,8 +22,6 @@ from rlfree.weights import normalize_per_group
 from tests.helpers import exact_draw_tv, histogram, total_variation
 
 pytestmark = pytest.mark.vllm
-
-
 MAX_NEW_TOKENS = 3
 
 
