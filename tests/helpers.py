@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rlfree import toy
-from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.train import ModelConfig, train
+from rlfree.family import family_named
+from rlfree.stages.train import train
 from rlfree.stages.weight import WeightConfig, weight_dataset
+from rlfree.training import ModelConfig, RLFreeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
@@ -134,7 +135,7 @@ def softmax(logits: list[float]) -> list[float]:
 
 def weigh(dataset: Dataset, cfg: WeightConfig) -> tuple[dict[str, list], dict[str, float]]:
     """`weight_dataset`, with the output columns as plain lists."""
-    weighted, summary = weight_dataset(dataset, cfg)
+    weighted, summary = weight_dataset(dataset, cfg, family_named("lm"))
     return weighted.to_dict(), summary
 
 

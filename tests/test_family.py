@@ -14,14 +14,15 @@ def test_a_pipeline_named_by_its_hub_id_is_found_and_loaded(random_pipeline, pip
 
     import huggingface_hub.constants
 
-    from rlfree import diffusion
+    from rlfree.family import family_of_model
 
     snapshot = tmp_path / "hub" / "models--my-org--tiny-ddpm" / "snapshots" / ("0" * 40)
     shutil.copytree(random_pipeline, snapshot)
     (tmp_path / "hub" / "models--my-org--tiny-ddpm" / "refs").mkdir()
     (tmp_path / "hub" / "models--my-org--tiny-ddpm" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert diffusion.is_pipeline("my-org/tiny-ddpm") and not diffusion.is_pipeline("my-org/not-cached")
+    assert family_of_model("my-org/tiny-ddpm").name == "diffusion"
+    assert family_of_model("my-org/not-cached").name == "lm"
     settings = {"num_samples": 3, "num_inference_steps": 2}
     from_hub = generate(pipeline_config("my-org/tiny-ddpm", tmp_path / "hub-gen", **settings))
     local = generate(pipeline_config(random_pipeline, tmp_path / "local-gen", **settings))

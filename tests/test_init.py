@@ -11,7 +11,7 @@ def test_public_names_still_import_from_the_package():
     import rlfree
     from rlfree import WeightConfig as PublicWeightConfig
     from rlfree import inspect_stage, weight
-    from rlfree.evaluation.inspect import inspect
+    from rlfree.evaluation.inspection import inspect
     from rlfree.stages.weight import weight as weight_stage
 
     assert (PublicWeightConfig, weight, inspect_stage) == (WeightConfig, weight_stage, inspect)

@@ -14,13 +14,12 @@ import yaml
 
 from rlfree.commands import COMMANDS, command_types
 from rlfree.errors import StageInputError
-from rlfree.lm.trainer import RLFreeConfig
 from rlfree.recipe import parse_command
 from rlfree.rewards.scoring import load_reward_function
 from rlfree.stages.generate import GenerateConfig
 from rlfree.stages.score import ScoreConfig
-from rlfree.stages.train import ModelConfig
 from rlfree.stages.weight import WeightConfig
+from rlfree.training import ModelConfig, RLFreeConfig
 from tests.helpers import RECIPES, scored_dataset
 
 TOY_RECIPE = RECIPES / "toy.yaml"

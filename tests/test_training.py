@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import TrainingArguments
 
-from rlfree.lm.trainer import model_card
+from rlfree.lm.trainer import language_model_card
+from rlfree.training import model_card
 
 
 def test_non_finite_learning_rate_is_refused_before_the_output_folder_is_made(
@@ -19,7 +20,8 @@ def test_non_finite_learning_rate_is_refused_before_the_output_folder_is_made(
 
 def _card(tmp_path, name_or_path, weighting=None):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
-    return model_card(name_or_path, {"weighting": weighting or {"weighting": "rlhf", "beta": 0.1}}, "data", args)
+    sidecars = {"weighting": weighting or {"weighting": "rlhf", "beta": 0.1}}
+    return model_card(name_or_path, sidecars, "data", args, language_model_card({}))
 
 
 def test_model_card_names_a_hub_id_but_not_a_local_folder(tmp_path, monkeypatch):

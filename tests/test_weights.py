@@ -18,6 +18,7 @@ from datasets import Dataset, load_from_disk
 
 from rlfree import toy
 from rlfree.errors import StageInputError
+from rlfree.family import family_named
 from rlfree.stages.weight import WeightConfig, weight, weight_dataset
 from rlfree.weights import pick, pick_log_weights
 from tests.helpers import (
@@ -216,7 +217,7 @@ def test_target_kl_picks_a_beta_whose_exact_kl_is_on_target(reference_dir, gener
     import torch
 
     from rlfree.cli import main
-    from rlfree.lm.modeling import load_causal_lm, load_tokenizer
+    from rlfree.lm.loading import load_causal_lm, load_tokenizer
     from rlfree.stages.generate import generate
     from rlfree.stages.score import ScoreConfig, score
 
@@ -306,7 +307,7 @@ def test_dropping_uniform_prompts_removes_tied_prompts_before_pruning():
 def test_dropping_uniform_prompts_refuses_when_every_prompt_ties():
     dataset = make_samples([0, 0, 1, 1], reward=[1.0, 1.0, 0.0, 0.0])
     with pytest.raises(StageInputError, match="the weights of all 2 prompts are uniform"):
-        weight_dataset(dataset, weight_config(beta=1.0, drop_uniform_prompts=True))
+        weight_dataset(dataset, weight_config(beta=1.0, drop_uniform_prompts=True), family_named("lm"))
 
 
 # --- picks: one candidate per group with probability softmax(log weight) ---------------------------------------------

@@ -12,8 +12,9 @@ def test_a_demo_over_one_with_other_settings_stops_before_changing_anything(tmp_
     from dataclasses import asdict
 
     from rlfree.data import save_stage
+    from rlfree.demos import DemoConfig
+    from rlfree.demos.arithmetic import stage_configs
     from rlfree.stages.checks import check_outputs
-    from rlfree.toy.demo import DemoConfig, stage_configs
 
     out = tmp_path / "demo"
     stages = stage_configs(DemoConfig(output_dir=str(out), seed=0), out)

@@ -15,7 +15,7 @@ def test_cfg_as_soft_best_of_n_matches_its_exact_finite_n_target():
     from datasets import Dataset
 
     from rlfree.diffusion.classifier import class_log_ratio
-    from rlfree.stages.sample import pick_dataset
+    from rlfree.samplers.picking import pick_dataset
 
     plus_weights, null_weight = (0.2, 0.7), 0.45  # the null class sees both classes' images: their mixture
     denoiser = toy.MixtureDenoiser(toy.scheduler(), [*plus_weights, null_weight])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from safetensors.torch import load_file
 
-from rlfree.lm.trainer import RLFreeConfig
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig, RLFreeConfig
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"
 

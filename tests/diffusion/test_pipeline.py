@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlfree.diffusion.pipeline import load_pipeline
-from rlfree.lm.trainer import RLFreeConfig
+from rlfree.training import RLFreeConfig
 
 BRIGHTNESS = "tests.helpers:brightness"
 

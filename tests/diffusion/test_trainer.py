@@ -13,10 +13,10 @@ from datasets import load_from_disk
 from rlfree.diffusion import toy
 from rlfree.diffusion.pipeline import load_pipeline, to_images
 from rlfree.errors import StageInputError
-from rlfree.lm.trainer import RLFreeConfig
 from rlfree.stages.score import ScoreConfig, score
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
 from rlfree.stages.weight import WeightConfig, weight
+from rlfree.training import ModelConfig, RLFreeConfig
 from tests.helpers import max_deviation, train_here, unet_weights
 
 REWARD = "rlfree.diffusion.toy:plus_component_reward"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from rlfree import toy
 from rlfree.errors import StageInputError
 from rlfree.evaluation.evaluate import ABConfig, EvaluateConfig, ab, bootstrap_means, estimate, evaluate, win_rates
-from rlfree.evaluation.inspect import format_number
+from rlfree.evaluation.tables import format_number
 from rlfree.stages.sample import SampleConfig, sample
 
 REWARD = ["rlfree.toy:arithmetic_reward"]

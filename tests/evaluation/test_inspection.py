@@ -15,7 +15,7 @@ from datasets import Dataset, load_from_disk
 
 from rlfree.data import save_stage
 from rlfree.errors import StageInputError
-from rlfree.evaluation.inspect import InspectConfig, inspect
+from rlfree.evaluation.inspection import InspectConfig, inspect
 from rlfree.stages.weight import WeightConfig, weight
 
 PLOTS = ("rewards.png", "weights.png", "ess.png", "beta_curve.png")

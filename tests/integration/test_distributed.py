@@ -19,10 +19,10 @@ import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from rlfree.lm.trainer import RLFreeConfig
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig, RLFreeConfig
 from tests.helpers import DIFFUSION_FLAGS, assert_same_rows, max_deviation, train_here, unet_weights
 
 REWARD = "rlfree.toy:arithmetic_reward"

@@ -12,12 +12,12 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlfree.demos import DemoConfig, run_demo
 from rlfree.diffusion import toy
 from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
-from rlfree.lm.trainer import RLFreeConfig
 from rlfree.stages.generate import generate
-from rlfree.stages.train import ModelConfig, train
-from rlfree.toy.demo import DemoConfig, run_demo
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig, RLFreeConfig
 
 # --- the language-model toy ------------------------------------------------------------------------------------------
 

@@ -11,11 +11,8 @@ from transformers.masking_utils import create_causal_mask
 
 from rlfree import toy
 from rlfree.errors import StageInputError
-from rlfree.lm.modeling import (
-    flatten_prompt_completion,
-    model_completion_logprobs,
-    pad_prompt_completion,
-)
+from rlfree.lm.batching import flatten_prompt_completion, pad_prompt_completion
+from rlfree.lm.logprobs import model_completion_logprobs
 from rlfree.lm.trainer import RLFreeTrainer
 from tests.helpers import random_rows, tiny_llama, training_args, write_weighted
 

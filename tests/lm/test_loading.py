@@ -13,7 +13,8 @@ def test_a_lora_adapter_guides_against_its_own_base_with_one_set_of_weights(refe
     of the base), and every candidate and log-probability equals guidance between the merged model and the base."""
     from peft import LoraConfig, get_peft_model
 
-    from rlfree.lm.modeling import AdapterOff, load_causal_lm, load_reference
+    from rlfree.adapters import AdapterOff
+    from rlfree.lm.loading import load_causal_lm, load_reference
 
     torch.manual_seed(0)
     adapted = get_peft_model(

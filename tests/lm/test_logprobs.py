@@ -17,11 +17,8 @@ from transformers import (
 )
 
 from rlfree import toy
-from rlfree.lm.modeling import (
-    completion_logprobs,
-    model_completion_logprobs,
-    pad_prompt_completion,
-)
+from rlfree.lm.batching import pad_prompt_completion
+from rlfree.lm.logprobs import completion_logprobs, model_completion_logprobs, verdicts
 from rlfree.lm.trainer import RLFreeTrainer
 from tests.helpers import ROWS, VOCAB_SIZE, training_args, write_weighted
 
@@ -126,7 +123,7 @@ def test_gemma_softcapping_is_applied_in_the_chunked_path():
     full_grads = _grads(model, torch.ones(4), full)
     (chunked,) = _chunked(model, batch, 3)
     chunked_grads = _grads(model, torch.ones(4), chunked)
-    assert not getattr(model, "_rlfree_full_logits", False)
+    assert "full_logits" not in verdicts(model)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     _assert_same_grads(chunked_grads, full_grads)
 
@@ -137,7 +134,7 @@ def test_unknown_logit_scale_falls_back_to_full_logits():
     with torch.no_grad():
         (chunked,) = _chunked(model, batch, 3)
         full = _full(model, batch)
-    assert model._rlfree_full_logits
+    assert "full_logits" in verdicts(model)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
 
 
@@ -191,7 +188,7 @@ def test_fsdp_sharded_models_use_full_logits(monkeypatch):
         fully_shard(model)
         batch = _batch()
         (sharded,) = _chunked(model, batch, chunk_size=3)
-        assert model._rlfree_full_logits and sharded.grad_fn.name() == "SumBackward1"  # the full-logits path
+        assert "full_logits" in verdicts(model) and sharded.grad_fn.name() == "SumBackward1"  # the full-logits path
         torch.testing.assert_close(sharded, _full(model, batch))
     finally:
         dist.destroy_process_group()

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from rlfree import toy
 from rlfree.lm.trainer import RLFreeTrainer, WeightedCollator
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig
 from tests.helpers import ROWS, random_rows, tiny_llama, training_args, varied_rows, write_weighted
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rlfree.stages.sample import pick_dataset
+from rlfree.samplers.picking import pick_dataset
 from rlfree.weights import pick_log_weights
 
 

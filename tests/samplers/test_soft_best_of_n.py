@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree import toy
 from rlfree.errors import StageInputError
-from rlfree.stages.sample import SampleConfig, soft_best_of_n
+from rlfree.stages.sample import SampleConfig, sample
 
 REWARD = "rlfree.toy:arithmetic_reward"
 PLUS_REWARD = "rlfree.diffusion.toy:plus_component_reward"
@@ -57,7 +57,7 @@ def test_soft_best_of_n_converges_to_the_exact_tilted_accuracy(exact, tmp_path, 
     assert torch.all(expected < star) and torch.all(star - expected < 0.015)
     assert torch.all(_soft_bon_accuracy(p, 4 * n, beta) > expected)
 
-    picked = soft_best_of_n(soft_config(tmp_path, soft_best_of_n=n, beta=beta, num_picks=picks))
+    picked = sample(soft_config(tmp_path, soft_best_of_n=n, beta=beta, num_picks=picks))
     accuracy = torch.tensor(picked["reward"], dtype=torch.float64).view(len(p), picks).mean(-1)
     # Every pick uses its own N fresh candidates, so picks are i.i.d. Bernoulli(expected): 4 sigma per prompt.
     sigma = (expected * (1 - expected) / picks).sqrt()
@@ -72,7 +72,7 @@ def test_hard_best_of_n_matches_one_minus_miss_probability(exact, tmp_path, soft
     ref_logprobs, rewards = exact
     p = (ref_logprobs.exp() * (rewards == 1).double()).sum(-1)
     expected = 1 - (1 - p) ** n
-    picked = soft_best_of_n(soft_config(tmp_path, soft_best_of_n=n, beta=0.0, num_picks=picks))
+    picked = sample(soft_config(tmp_path, soft_best_of_n=n, beta=0.0, num_picks=picks))
     accuracy = torch.tensor(picked["reward"], dtype=torch.float64).view(len(p), picks).mean(-1)
     sigma = (expected * (1 - expected) / picks).sqrt()
     assert torch.all((accuracy - expected).abs() < 4 * sigma), (accuracy, expected)
@@ -80,7 +80,7 @@ def test_hard_best_of_n_matches_one_minus_miss_probability(exact, tmp_path, soft
 
 def test_output_layout_sidecars_and_determinism(tmp_path, soft_config):
     config = soft_config(tmp_path / "a", soft_best_of_n=4, beta=1.0, num_picks=3)
-    picked = soft_best_of_n(config)
+    picked = sample(config)
     candidates = load_from_disk(str(tmp_path / "a" / "candidates"))
     scored = load_from_disk(str(tmp_path / "a" / "scored"))
     assert len(candidates) == 4 * 3 * 4 and len(picked) == 4 * 3
@@ -102,7 +102,7 @@ def test_output_layout_sidecars_and_determinism(tmp_path, soft_config):
     for carried in ("generation.json", "scoring.json"):
         assert (tmp_path / "a" / "picked" / carried).is_file()
 
-    again = soft_best_of_n(soft_config(tmp_path / "b", soft_best_of_n=4, beta=1.0, num_picks=3))
+    again = sample(soft_config(tmp_path / "b", soft_best_of_n=4, beta=1.0, num_picks=3))
     assert again.to_list() == picked.to_list()
 
 
@@ -117,7 +117,7 @@ def test_soft_best_of_n_and_evaluate_skip_long_prompts_too(reference_dir, long_p
         num_picks=2,
         long_prompts="skip",
     )
-    picked = soft_best_of_n(config)
+    picked = sample(config)
     assert sorted(picked["prompt_index"]) == [0, 0, 2, 2] and sorted(picked["pick_index"]) == [0, 0, 1, 1]
     common = {"model_name_or_path": str(reference_dir), "prompts": str(long_prompts_file), "reward": [REWARD]}
     report = evaluate(

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from rlfree.cli import main
 from rlfree.lm.trainer import RLFreeTrainer
-from rlfree.stages.train import ModelConfig, train
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig
 from tests.helpers import ROWS, one_line_error, training_args, write_weighted
 
 # --- the checkpoint --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from datasets import load_from_disk
 
 from rlfree.errors import StageInputError
+from rlfree.family import family_named
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.weight import WeightConfig, weight, weight_dataset
@@ -148,13 +149,13 @@ def test_length_times_beta_if_at_most_one_names_the_row():
     # L * beta_if = 1.5 (fine) on row 0, 0.5 on row 1
     dataset = make_samples([0, 0], num_tokens=[3, 1])
     with pytest.raises(StageInputError, match=r"L \* beta_if must be > 1, but row 1 has L=1"):
-        weight_dataset(dataset, weight_config(weighting="rlif", beta_if=0.5))
+        weight_dataset(dataset, weight_config(weighting="rlif", beta_if=0.5), family_named("lm"))
 
 
 def test_fixed_length_times_beta_if_equal_to_one_is_rejected():
     dataset = make_samples([0, 0], num_tokens=[10, 10])
     with pytest.raises(StageInputError, match=r"L \* beta_if must be > 1, but row 0 has L=2"):
-        weight_dataset(dataset, weight_config(weighting="rlif", beta_if=0.5, rlif_length=2))
+        weight_dataset(dataset, weight_config(weighting="rlif", beta_if=0.5, rlif_length=2), family_named("lm"))
 
 
 @pytest.mark.parametrize(
@@ -171,19 +172,19 @@ def test_non_finite_input_names_the_column_and_row(column, bad_value, row):
     columns[column][row] = bad_value
     dataset = make_samples([0, 0, 0], **columns)
     with pytest.raises(StageInputError, match=rf"column '{column}' is not finite in 1 row\(s\), first at row {row}"):
-        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0))
+        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0), family_named("lm"))
 
 
 def test_non_finite_input_counts_the_rows_and_names_the_first():
     dataset = make_samples([0, 0, 0, 0], reward=[0.0, math.nan, math.inf, -math.inf])
     with pytest.raises(StageInputError, match=r"column 'reward' is not finite in 3 row\(s\), first at row 1"):
-        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0))
+        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0), family_named("lm"))
 
 
 def test_null_reward_names_the_column_and_row():
     dataset = make_samples([0, 0, 0], reward=[0.0, None, 2.0])
     with pytest.raises(StageInputError, match=r"'reward'.*row 1"):
-        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0))
+        weight_dataset(dataset, weight_config(weighting="rlhf", beta=1.0), family_named("lm"))
 
 
 # --- the stage function ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from rlfree import toy
 from rlfree.lm.backends import hf as hf_backend
-from rlfree.lm.modeling import load_causal_lm
+from rlfree.lm.loading import load_causal_lm
 from rlfree.stages.generate import generate
 
 

@@ -15,7 +15,7 @@ from datasets import load_from_disk
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from rlfree import toy
-from rlfree.evaluation.inspect import InspectConfig, inspect
+from rlfree.evaluation.inspection import InspectConfig, inspect
 from rlfree.lm.backends.vllm import VLLMBackend
 from rlfree.stages.generate import GenerateConfig, generate
 from rlfree.weights import normalize_per_group
