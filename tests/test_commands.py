@@ -42,7 +42,8 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_install_advice_is_for_a_checkout_since_rlfree_is_on_no_package_index(monkeypatch, run_cli):
-    assert "pip install 'rlfree[" not in (REPO_ROOT / "README.md").read_text()
+    for page in [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")]:
+        assert "pip install 'rlfree[" not in page.read_text(), page
     monkeypatch.setitem(sys.modules, "trl", None)  # TRL missing: importing it raises ImportError
     monkeypatch.delitem(sys.modules, "rlfree.baselines", raising=False)
     monkeypatch.delitem(sys.modules, "rlfree.baselines.rloo", raising=False)  # imported by an earlier test

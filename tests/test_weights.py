@@ -366,3 +366,49 @@ def test_groups_need_not_be_contiguous_and_bad_weights_are_refused():
         pick(torch.tensor([0.0, math.nan]), torch.tensor([0, 0]), _uniform(2, 0))
     with pytest.raises(StageInputError, match="group 1"):
         pick(torch.tensor([0.0, -math.inf]), torch.tensor([0, 1]), _uniform(2, 0))
+
+
+# --- the weighting stage's core, on tensors --------------------------------------------------------------------------
+
+
+def test_weigh_normalizes_drops_uniform_groups_and_prunes_against_hand_computed_values():
+    """Two groups: log-weights log 1, 2, 3 (weights 1/6, 2/6, 3/6) and a tie (1/2, 1/2). Pruning below 0.2 drops the
+    1/6 (its mass renormalized onto 2/5, 3/5); dropping uniform groups drops the tie; the diagnostics are those of the
+    final weights."""
+    from rlfree.weights import weigh
+
+    log_weight = torch.tensor([0.0, math.log(2), math.log(3), 5.0, 5.0], dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 1, 1])
+    uniform_reference = torch.tensor([1 / 3] * 3 + [1 / 2] * 2, dtype=torch.float64).log()
+    columns, kept, summary = weigh(log_weight, group, uniform_reference)
+    assert torch.allclose(columns["weight"], torch.tensor([1 / 6, 2 / 6, 3 / 6, 1 / 2, 1 / 2], dtype=torch.float64))
+    assert torch.allclose(columns["ess"][:3], torch.full((3,), 36 / 14, dtype=torch.float64))
+    expected_kl = sum(w * math.log(3 * w) for w in (1 / 6, 2 / 6, 3 / 6))
+    assert columns["kl_estimate"][0].item() == pytest.approx(expected_kl) and columns["kl_estimate"][3].item() == 0
+    assert kept.all() and summary["num_prompts"] == 2 and summary["max_weight_max"] == pytest.approx(0.5)
+
+    columns, kept, summary = weigh(log_weight, group, uniform_reference, drop_uniform=True, min_weight=0.2)
+    assert kept.tolist() == [False, True, True, False, False]
+    assert torch.allclose(columns["weight"][:3], torch.tensor([0, 2 / 5, 3 / 5], dtype=torch.float64))
+    assert summary["dropped_uniform_prompts"] == 1 and summary["pruned_samples"] == 1
+    assert summary["pruned_mass_max"] == pytest.approx(1 / 6)
+    assert columns["ess"][1].item() == pytest.approx(1 / ((2 / 5) ** 2 + (3 / 5) ** 2))
+
+
+def test_beta_sweep_gives_the_closed_form_kl_and_ess_of_a_two_sample_prompt():
+    """Rewards 0 and 1 sampled from pi_ref: at beta the weights are (1, e^(1/beta)) / Z, so the KL to pi_ref is
+    sum w log(2w) and ESS / N is 1 / (2 sum w^2)."""
+    from rlfree.weights import beta_sweep
+
+    curve = beta_sweep(
+        torch.zeros(2, dtype=torch.float64),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+        torch.tensor([0, 0]),
+        [1.0, 0.25],
+    )
+    for position, beta in enumerate((1.0, 0.25)):
+        high = math.exp(1 / beta) / (1 + math.exp(1 / beta))
+        weights = (1 - high, high)
+        assert curve["beta"][position] == beta
+        assert curve["kl_ref_estimate"][position] == pytest.approx(sum(w * math.log(2 * w) for w in weights))
+        assert curve["ess_fraction"][position] == pytest.approx(1 / (2 * sum(w * w for w in weights)))

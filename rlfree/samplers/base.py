@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -42,9 +41,9 @@ class SampleSettings(SamplerOptions, RewardOptions, PromptOptions, LoadOptions):
         default=16, metadata={"help": "Prompts per shard of energy-guided sampling (written at once and resumed)."}
     )
 
-    @functools.cached_property
+    @property
     def family(self) -> Family:
-        """The sampled model's family, resolved once."""
+        """The sampled model's family (a Hub id is looked up once per process)."""
         return family_of_model(self.model_name_or_path)
 
 

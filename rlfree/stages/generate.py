@@ -10,7 +10,6 @@ difference, so sampling from any proposal still targets pi_ref. What each family
 
 from __future__ import annotations
 
-import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,13 +27,20 @@ class GenerateConfig(GenerationSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        self.family.check_prompts(self.prompts)
-        self.family.check_generate(self)
+        self.checked_family()
 
-    @functools.cached_property
+    @property
     def family(self) -> Family:
-        """The model's family, resolved once (a Hub id is looked up once per process)."""
+        """The model's family, as its folder (or Hub repository) says now: a config may be made before its model is
+        written (a demo's or a recipe's later stages). A Hub id is looked up once per process."""
         return family_of_model(self.model_name_or_path)
+
+    def checked_family(self) -> Family:
+        """The model's family, with these settings checked against what it refuses."""
+        family = self.family
+        family.check_prompts(self.prompts)
+        family.check_generate(self)
+        return family
 
 
 def generate_config(source: Any, output_dir: str, num_samples: int, **fields: Any) -> GenerateConfig:
@@ -57,11 +63,11 @@ def check_output(config: GenerateConfig) -> None:
     check_output_dir(config.output_dir, "generation", asdict(config), inputs | {"--prompts": config.prompts})
 
 
-def generation_settings(config: GenerateConfig) -> dict:
+def generation_settings(config: GenerateConfig, family: Family) -> dict:
     """What the stage records about a run, whatever the family: its flags, the family, and stamps of its inputs (a
     resumed run whose model or prompts changed starts over)."""
     settings = asdict(config) | {
-        "family": config.family.name,
+        "family": family.name,
         "prompts_fingerprint": content_fingerprint(config.prompts),
         "model_stamp": folder_stamp(config.model_name_or_path),
     }
@@ -77,7 +83,8 @@ def generate(config: GenerateConfig) -> Dataset:
     batch size, the shard size or the number of processes, and a resumed run equals an uninterrupted one.
     """
     check_output(config)
-    return config.family.generate(config, generation_settings(config))
+    family = config.checked_family()  # resolved once, from the model as it is now
+    return family.generate(config, generation_settings(config, family))
 
 
 def generate_command(config: GenerateConfig) -> str:

@@ -123,7 +123,9 @@ def test_gemma_softcapping_is_applied_in_the_chunked_path():
     full_grads = _grads(model, torch.ones(4), full)
     (chunked,) = _chunked(model, batch, 3)
     chunked_grads = _grads(model, torch.ones(4), chunked)
-    assert "full_logits" not in verdicts(model)
+    assert "full_logits" not in verdicts(model) and "projection" in verdicts(model)
+    # The verdicts are kept beside the model, not set on the Hugging Face object.
+    assert not [name for name in vars(model) if "rlfree" in name]
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     _assert_same_grads(chunked_grads, full_grads)
 

@@ -99,6 +99,7 @@ def test_output_layout_sidecars_and_determinism(tmp_path, soft_config):
     sidecar = json.loads((tmp_path / "a" / "picked" / "sampling.json").read_text())
     assert sidecar["soft_best_of_n"] == 4 and sidecar["beta"] == 1.0 and sidecar["reward"] == [REWARD]
     assert sidecar["sampler"] == "soft_best_of_n" and sidecar["cost"]["total"]["tokens"] == sum(picked["cost_tokens"])
+    assert sidecar["family"] == "lm"
     for carried in ("generation.json", "scoring.json"):
         assert (tmp_path / "a" / "picked" / carried).is_file()
 
