@@ -20,7 +20,14 @@ from datasets import Dataset
 from ..data import folder_stamp, load_stage, process_state, run_in_shards
 from ..errors import StageInputError
 from ..seeds import stream_seed
-from .pipeline import load_pipeline, noise_scheduler, predicted_noise, read_layout, unet_condition
+from .pipeline import (
+    is_flow_matching,
+    load_pipeline,
+    noise_scheduler,
+    predicted_noise,
+    read_layout,
+    unet_condition,
+)
 
 COLUMNS = ("class_log_ratio", "class_log_ratio_stderr")
 
@@ -39,6 +46,13 @@ def elbo_weights(scheduler) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * (snr[:-1] / snr[1:] - 1)])
 
 
+# Flow matching: the bound's time weight (1 - t)/t grows without limit as t -> 0, where the model was never trained
+# (its training sigmas start at 1/num_train_timesteps); times are drawn from [FLOW_MIN_TIME, 1] and the sliver below it
+# is left out. There the conditional and unconditional predictions agree (x_t is x_0 and the posterior over conditions
+# is the same), so its share of the log ratio vanishes with it.
+FLOW_MIN_TIME = 1e-3
+
+
 @torch.no_grad()
 def class_log_ratio(
     unet,
@@ -50,7 +64,7 @@ def class_log_ratio(
     num_estimates: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(c|x) - log p(c) = log p(x|c) - log p(x), estimated as minus the difference of the conditional and the
-    unconditional variational bounds (anthology eq. 36-37), the UNet's conditioning given as `condition` and
+    unconditional variational bounds (anthology eq. 36-37), the network's conditioning given as `condition` and
     `null_condition` (`unet_condition`):
 
         -sum_t lambda_t E_eps[ ||eps - eps(x_t|c, t)||² - ||eps - eps(x_t|null, t)||² ],  lambda_t = `elbo_weights`.
@@ -60,32 +74,52 @@ def class_log_ratio(
     from a generator seeded per sample (a sample's estimate does not depend on its batch). t is drawn uniformly and
     reweighted by lambda_t·T: unbiased, and far less noisy than drawing t ∝ lambda_t, which spends its draws on the
     last steps, where lambda_t is largest and the condition barely moves the prediction (on the toy's cosine schedule,
-    one draw's standard deviation is 1.3 uniform against 14 ∝ lambda_t, over 2,048 draws). Returns the mean and its
-    standard error per sample (float64, on the CPU).
+    one draw's standard deviation is 1.3 uniform against 14 ∝ lambda_t, over 2,048 draws).
+
+    Under a flow-matching scheduler (x_t = (1 - t)·x + t·eps, the network predicts v = eps - x) the bound is the
+    continuous-time one: with lambda = log SNR = 2·log((1 - t)/t), -dlambda/dt = 2/(t(1 - t)), and eps - eps_hat =
+    (1 - t)·(v - v_hat), so the weight on ||v - v_hat||² is (1 - t)/t, with t uniform on [`FLOW_MIN_TIME`, 1].
+
+    Returns the mean and its standard error per sample (float64, on the CPU).
     """
-    weights = elbo_weights(scheduler)
-    steps_used = torch.nonzero(weights > 0).view(-1)
+    flow = is_flow_matching(scheduler)
     generators = [torch.Generator().manual_seed(seed) for seed in estimate_seeds]
     shape = samples.shape[1:]
-    # [B, K] steps and [B, K, *shape] noise: each sample's draws from its own generator, in one call each.
-    steps = steps_used[
-        torch.stack([torch.randint(len(steps_used), (num_estimates,), generator=g) for g in generators])
-    ]
-    noises = torch.stack([torch.randn((num_estimates, *shape), generator=g) for g in generators])
-    importance = weights[steps] * len(steps_used)  # lambda_t / (uniform probability of t)
+    if flow:
+        times = torch.stack([torch.rand(num_estimates, generator=g, dtype=torch.float64) for g in generators])
+        times = FLOW_MIN_TIME + (1 - FLOW_MIN_TIME) * times  # [B, K]
+        importance = (1 - times) / times * (1 - FLOW_MIN_TIME)  # the weight over the uniform density of t
+    else:
+        weights = elbo_weights(scheduler)
+        steps_used = torch.nonzero(weights > 0).view(-1)
+        # [B, K] steps: each sample's draws from its own generator, in one call each.
+        times = steps_used[
+            torch.stack([torch.randint(len(steps_used), (num_estimates,), generator=g) for g in generators])
+        ]
+        importance = weights[times] * len(steps_used)  # lambda_t / (uniform probability of t)
+        alpha_bars = scheduler.alphas_cumprod.double()
+    noises = torch.stack([torch.randn((num_estimates, *shape), generator=g) for g in generators])  # [B, K, *shape]
     both = {key: torch.cat([condition[key], null_condition[key]]) for key in condition}
-    alpha_bars = scheduler.alphas_cumprod.double()
+    pixels = [1] * len(shape)
     estimates = torch.empty(len(samples), num_estimates, dtype=torch.float64)
     for draw in range(num_estimates):
         noise = noises[:, draw].to(samples.device, samples.dtype)
-        step = steps[:, draw].to(samples.device)
-        noisy = scheduler.add_noise(samples, noise, step).repeat(2, *([1] * len(shape)))
-        output = unet(noisy, step.repeat(2), **both).sample
-        alpha_bar = alpha_bars[steps[:, draw]].view(-1, *([1] * len(shape))).repeat(2, *([1] * len(shape)))
-        predicted = predicted_noise(
-            output.double(), noisy.double(), alpha_bar.to(samples.device), scheduler.config.prediction_type
-        )
-        errors = (predicted - noise.double().repeat(2, *([1] * len(shape)))).pow(2).flatten(1).sum(1).cpu()
+        if flow:
+            t = times[:, draw].view(-1, *pixels).to(samples.device, samples.dtype)
+            noisy = ((1 - t) * samples + t * noise).repeat(2, *pixels)
+            timesteps = (times[:, draw] * scheduler.config.num_train_timesteps).to(samples.device, samples.dtype)
+            output = unet(noisy, timesteps.repeat(2), **both).sample.double()
+            target = (noise - samples).double().repeat(2, *pixels)
+        else:
+            step = times[:, draw].to(samples.device)
+            noisy = scheduler.add_noise(samples, noise, step).repeat(2, *pixels)
+            output = unet(noisy, step.repeat(2), **both).sample
+            alpha_bar = alpha_bars[times[:, draw]].view(-1, *pixels).repeat(2, *pixels)
+            output = predicted_noise(
+                output.double(), noisy.double(), alpha_bar.to(samples.device), scheduler.config.prediction_type
+            )
+            target = noise.double().repeat(2, *pixels)
+        errors = (output - target).pow(2).flatten(1).sum(1).cpu()
         conditional, unconditional = errors.chunk(2)
         estimates[:, draw] = -importance[:, draw] * (conditional - unconditional)
     stderr = estimates.std(1) / num_estimates**0.5 if num_estimates > 1 else torch.full((len(samples),), math.nan)

@@ -134,12 +134,14 @@ def denoise(
     scheduler.set_timesteps(num_inference_steps)
     generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
     noise = torch.stack([torch.randn(sample_shape(unet), generator=generator) for generator in generators])
-    x = noise.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
+    # Flow-matching schedulers start from unit noise and take the model input as it is.
+    x = noise.to(unet.device, unet.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     condition = condition or {}
     # As the pipelines' prepare_extra_step_kwargs: only stochastic steps take the generators.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scale(x, t)
         output = predict(unet, model_input, t, condition, null_condition, cfg_scale)
         if ref_unet is not None:
             with as_reference(ref_unet) as reference:
@@ -181,10 +183,18 @@ def noise_scheduler(scheduler):
     """The forward process to train and score with: a DDPMScheduler built from the pipeline's scheduler config (its
     betas, training steps and prediction type), as diffusers' training scripts do. The pipeline's own scheduler may be
     a sampler (PNDM, Euler, DPM-Solver) whose `add_noise` works in other units or needs `set_timesteps` first. A
-    flow-matching scheduler is its own forward process."""
+    flow-matching scheduler is its own forward process: a fresh copy holds the training sigmas (with the model's
+    shift), before any `set_timesteps`."""
     from diffusers import DDPMScheduler
 
-    return scheduler if is_flow_matching(scheduler) else DDPMScheduler.from_config(scheduler.config)
+    if is_flow_matching(scheduler):
+        return type(scheduler).from_config(scheduler.config)
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+# How flow-matching training draws its times, as diffusers' SD3 training script does by default (2403.03206, §3.1):
+# u = sigmoid(n), n ~ N(LOGIT_MEAN, LOGIT_STD), picks one of the scheduler's training sigmas, with a loss weight of 1.
+LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 
 
 def denoising_loss(
@@ -195,24 +205,32 @@ def denoising_loss(
     come from its own generator (on the CPU), so they do not depend on the batch, the device or the process.
 
     The target is what the scheduler's config says the network predicts: the noise (epsilon), the velocity
-    (v_prediction), the clean sample (sample), or noise - x0 for flow matching (x_t = (1 - s)·x0 + s·noise).
+    (v_prediction), the clean sample (sample), or noise - x0 for flow matching (x_t = (1 - s)·x0 + s·noise, with s one
+    of the scheduler's training sigmas drawn as SD3 is trained: `LOGIT_MEAN`, `LOGIT_STD`; `scheduler` is then a fresh
+    one, as `noise_scheduler` makes it).
     """
     batch, shape = samples.shape[0], samples.shape[1:]
+    flow = is_flow_matching(scheduler)
+    draw_time = (
+        torch.randn if flow else torch.rand
+    )  # the normal of a logit-normal time for flow matching, else uniform
     if generators is None:
-        noise, uniform = torch.randn(samples.shape), torch.rand(batch)
+        noise, time = torch.randn(samples.shape), draw_time(batch)
     else:
         noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
-        uniform = torch.cat([torch.rand(1, generator=generator) for generator in generators])
-    noise, uniform = noise.to(samples.device, samples.dtype), uniform.to(samples.device)
-    if is_flow_matching(scheduler):
-        sigma = uniform.to(samples.dtype)
+        time = torch.cat([draw_time(1, generator=generator) for generator in generators])
+    noise, time = noise.to(samples.device, samples.dtype), time.to(samples.device)
+    if flow:
+        steps = scheduler.config.num_train_timesteps
+        index = (torch.sigmoid(LOGIT_MEAN + LOGIT_STD * time) * steps).long().clamp_max(steps - 1)
+        sigma = scheduler.sigmas[index.cpu()].to(samples.device, samples.dtype)
         expand = sigma.view(-1, *([1] * len(shape)))
         noisy = (1 - expand) * samples + expand * noise
-        timesteps = sigma * scheduler.config.num_train_timesteps
+        timesteps = scheduler.timesteps[index.cpu()].to(samples.device)
         target = noise - samples
     else:
         steps = scheduler.config.num_train_timesteps
-        timesteps = (uniform * steps).long().clamp_max(steps - 1)
+        timesteps = (time * steps).long().clamp_max(steps - 1)
         noisy = scheduler.add_noise(samples, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":

@@ -5,7 +5,7 @@ image is sample/2 + 1/2): the component of a sample is the sign of its mean pixe
 scales. A reward that depends on the component tilts the component weights exactly: p*(k) ∝ p(k)·exp(r_k/beta), and
 leaves each component's shape alone. Against the base *model's* own component frequencies (not the data's: pi_ref is
 the model), that is the target every stage is checked against. `MixtureDenoiser` is the exact noise prediction of
-such mixtures: a perfectly trained UNet, in closed form.
+such mixtures (a perfectly trained UNet, in closed form) and `MixtureVelocity` their exact flow-matching velocity.
 """
 
 from __future__ import annotations
@@ -57,19 +57,19 @@ def finite_n_plus_frequency(plus: float, log_weight: tuple[float, float], n: int
     )
 
 
-class MixtureDenoiser(torch.nn.Module):
-    """The exact noise prediction E[eps | x_t] of a class-conditional mixture of the two components, in closed form:
-    what a perfectly trained UNet would output, called as a UNet is (`unet(x_t, t, class_labels=...).sample`).
+class MixtureModel(torch.nn.Module):
+    """The class-conditional mixture of the two components, noised as x_t = a·x0 + b·eps, in closed form: what a
+    perfectly trained network would output, called as a UNet is (`model(x_t, t, class_labels=...).sample`).
 
-    `plus_weights[c]` is class c's + weight; the last entry may be the null class (the mixture over classes). In model
-    space, x_t = a·x0 + b·eps given component k is N(a·mu_k, v·I), v = a²·STD² + b², and E[eps | x_t, k] =
-    b·(x_t - a·mu_k)/v. With `learnable`, the weights are parameters (as logits): a model family that holds the tilted
-    target exactly, so that training it by the weighted denoising loss must land on that target.
+    `plus_weights[c]` is class c's + weight; the last entry may be the null class (the mixture over classes). Given
+    component k, x_t is N(a·mu_k, v·I) with v = a²·STD² + b², E[x0 | x_t, k] = mu_k + a·STD²·(x_t - a·mu_k)/v and
+    E[eps | x_t, k] = b·(x_t - a·mu_k)/v; averaged over the posterior of k. With `learnable`, the weights are
+    parameters (as logits): a model family that holds the tilted target exactly, so that training it by the weighted
+    loss must land on that target. Subclasses say what (a, b) a timestep means and what the network predicts.
     """
 
-    def __init__(self, scheduler, plus_weights: list[float], learnable: bool = False):
+    def __init__(self, plus_weights: list[float], learnable: bool = False):
         super().__init__()
-        self.alpha_bars = scheduler.alphas_cumprod.double()
         logits = torch.tensor(plus_weights, dtype=torch.float64).logit()
         self.plus_logits = torch.nn.Parameter(logits) if learnable else torch.nn.Buffer(logits)
         self.config = SimpleNamespace(sample_size=SIZE, in_channels=1, num_class_embeds=None)
@@ -86,10 +86,17 @@ class MixtureDenoiser(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    def scales(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of x_t = a·x0 + b·eps at each timestep, shaped [B, 1, 1, 1]."""
+        raise NotImplementedError
+
+    def output(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network predicts, from the posterior means of the clean sample and the noise."""
+        raise NotImplementedError
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None):
         x = noisy.double()
-        alpha_bar = self.alpha_bars[torch.as_tensor(timesteps).long().expand(len(x))].view(-1, 1, 1, 1)
-        a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        a, b = self.scales(torch.as_tensor(timesteps).expand(len(x)))
         variance = a**2 * STD**2 + b**2
         labels = torch.zeros(len(x), dtype=torch.long) if class_labels is None else class_labels.long().cpu()
         plus = self.plus_weights[labels]
@@ -99,7 +106,39 @@ class MixtureDenoiser(torch.nn.Module):
             log_joint.append(weight.log() - squared / 2)
         posterior_plus = torch.softmax(torch.stack(log_joint, 1), 1)[:, 1].view(-1, 1, 1, 1)
         mean = MEANS[0] + posterior_plus * (MEANS[1] - MEANS[0])
-        return SimpleNamespace(sample=(b * (x - a * mean) / variance).float())
+        clean, noise = mean + a * STD**2 * (x - a * mean) / variance, b * (x - a * mean) / variance
+        return SimpleNamespace(sample=self.output(clean, noise).float())
+
+
+class MixtureDenoiser(MixtureModel):
+    """The exact noise prediction E[eps | x_t] under a DDPM scheduler's alphas (`MixtureModel`)."""
+
+    def __init__(self, scheduler, plus_weights: list[float], learnable: bool = False):
+        super().__init__(plus_weights, learnable)
+        self.alpha_bars = scheduler.alphas_cumprod.double()
+
+    def scales(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha_bar = self.alpha_bars[timesteps.long()].view(-1, 1, 1, 1)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def output(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+
+class MixtureVelocity(MixtureModel):
+    """The exact rectified-flow velocity E[eps - x0 | x_t], x_t = (1 - s)·x0 + s·eps with s = timestep / 1000, as
+    SD3's and Flux's transformers predict it under their flow-matching schedulers (`MixtureModel`)."""
+
+    def __init__(self, plus_weights: list[float], learnable: bool = False, num_train_timesteps: int = 1000):
+        super().__init__(plus_weights, learnable)
+        self.num_train_timesteps = num_train_timesteps
+
+    def scales(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = (timesteps.double() / self.num_train_timesteps).view(-1, 1, 1, 1)
+        return 1 - sigma, sigma
+
+    def output(self, clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - clean
 
 
 def mixture_log_density(samples: torch.Tensor, plus_weight: float) -> torch.Tensor:
@@ -110,6 +149,13 @@ def mixture_log_density(samples: torch.Tensor, plus_weight: float) -> torch.Tens
         for mean, weight in ((MEANS[0], 1 - plus_weight), (MEANS[1], plus_weight))
     ]
     return torch.logsumexp(torch.stack(logs, 1), 1) - x.shape[1] * math.log(STD * math.sqrt(2 * math.pi))
+
+
+def flow_scheduler():
+    """A flow-matching Euler scheduler without a shift (SD3's scheduler class; SD3 itself shifts by 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
 def scheduler():

@@ -48,11 +48,14 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     torch.testing.assert_close(loss, expected)
 
 
-def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_it(tmp_path):
+@pytest.mark.parametrize("prediction", ["noise", "velocity"])
+def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_it(prediction, tmp_path):
     """The trainer's objective, exactly: samples of pi_ref (the mixture with 30% on +) go through score and weight, and
     DiffusionTrainer fits the mixture's exact denoiser with a learnable + weight. The weighted denoising loss is
     minimized by the weighted data's own + share, and that is pi_ref's tilt p·e^(1/beta) / Z up to self-normalized
-    sampling error: no UNet fit or sampler discretization stands between the loss and the target here."""
+    sampling error: no UNet fit or sampler discretization stands between the loss and the target here. The same
+    holds for the weighted flow-matching loss (`velocity`: SD3's and Flux's objective, x_t = (1 - s)·x0 + s·eps with
+    SD3's logit-normal times, target eps - x0) on the mixture's exact velocity field."""
     from types import SimpleNamespace
 
     from datasets import Dataset
@@ -73,11 +76,14 @@ def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_
     sampling_sd = (target * (1 - target) / ess) ** 0.5
     assert abs(weighted_share - target) < 4 * sampling_sd
 
-    model = toy.MixtureDenoiser(toy.scheduler(), [plus], learnable=True)
+    if prediction == "noise":
+        model, scheduler = toy.MixtureDenoiser(toy.scheduler(), [plus], learnable=True), toy.scheduler()
+    else:
+        model, scheduler = toy.MixtureVelocity([plus], learnable=True), toy.flow_scheduler()
     args = RLFreeConfig(output_dir=str(tmp_path / "fit"), dataset_dir=str(tmp_path / "weighted"), max_steps=400,
                         per_device_train_batch_size=128, gradient_accumulation_steps=2, learning_rate=0.05,
                         lr_scheduler_type="linear", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6)  # fmt: skip
-    DiffusionTrainer(SimpleNamespace(unet=model, scheduler=toy.scheduler()), args, weighted, "pi_ref").train()
+    DiffusionTrainer(SimpleNamespace(unet=model, scheduler=scheduler), args, weighted, "pi_ref").train()
     fitted = model.plus_weights.item()
     print(f"+ weight: pi_ref {plus}, weighted data {weighted_share:.4f}, fitted {fitted:.4f}, exact tilt {target:.4f}")
     assert abs(fitted - weighted_share) < 0.02, (fitted, weighted_share)  # the optimizer's own noise: about 0.007
