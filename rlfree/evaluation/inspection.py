@@ -20,7 +20,8 @@ from datasets import Dataset, Value
 
 from ..data import check_writable, load_stage, read_sidecars
 from ..errors import StageInputError
-from ..stages.weight import WeightConfig
+from ..family import family_of_data
+from ..stages.weight import WeightConfig, finite_column, proposal_correction
 from ..weights import beta_sweep, diagnostics
 from .plots import draw_beta_curve, draw_ess, draw_histogram, save_plot
 from .tables import format_number, format_rows, format_table
@@ -210,10 +211,11 @@ def summarize(
     ]
     if all(name in columns for name in BETA_CURVE_COLUMNS):
         scale = reward_scale(columns["reward"], groups)
-        correction = torch.tensor(columns["ref_logprob"] - columns["proposal_logprob"], dtype=torch.float64)
+        # As the weighting stage reads them: a None, NaN or infinite value is refused, naming its column.
+        correction = proposal_correction(dataset, family_of_data(config.input_dir))
         group = torch.tensor(columns["prompt_index"], dtype=torch.long)
-        reward = torch.tensor(columns["reward"], dtype=torch.float64)
-        curve = beta_sweep(correction, reward, group, beta_grid(scale, config.num_betas, used_beta(report)))
+        betas = beta_grid(scale, config.num_betas, used_beta(report))
+        curve = beta_sweep(correction, finite_column(dataset, "reward"), group, betas)
         report["beta_curve"] = {"reward_scale": scale} | {name: list(values) for name, values in curve.items()}
     return report
 

@@ -205,12 +205,6 @@ def load_search(
     """The search over `model` (pi_ref), with its rollouts from `rollout_model` (ETS-IS, checked to share pi_ref's
     tokens) when given; `search` holds the search's size: beta, block_size, num_candidates, num_rollouts and
     log_ratio_clip. Its backends are open: close them with `close`."""
-
-    def loaded(path: str) -> tuple[PreTrainedModel, SamplingBackend]:
-        network = load_causal_lm(path, settings.dtype, settings.trust_remote_code, device)
-        backend_model = BackendModel(path, settings.dtype, settings.trust_remote_code, lambda: network)
-        return network, load_backend(backend_model, settings, eos)
-
     reference = load_causal_lm(model, settings.dtype, settings.trust_remote_code, device)
     eos = eos_token_ids(reference, tokenizer)
     backend = load_backend(
@@ -218,9 +212,11 @@ def load_search(
     )
     rollout_network = rollout_backend = None
     if rollout_model is not None:
-        rollout_network, rollout_backend = loaded(rollout_model)
+        rollout_network = load_causal_lm(rollout_model, settings.dtype, settings.trust_remote_code, device)
         rollout_tokenizer = load_tokenizer(rollout_model, settings.trust_remote_code)
         check_same_tokens(rollout_model, rollout_network, rollout_tokenizer, model, reference, tokenizer)
+        rollout = BackendModel(rollout_model, settings.dtype, settings.trust_remote_code, lambda: rollout_network)
+        rollout_backend = load_backend(rollout, settings, eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return EnergySearch(
         backend, reference, settings, pad, score, search["beta"], search["block_size"], search["num_candidates"],

@@ -198,7 +198,8 @@ def rlif_exponents(config: WeightConfig, num_tokens: torch.Tensor) -> torch.Tens
     return 1.0 / (product - 1.0)
 
 
-def _column(dataset: Dataset, name: str) -> torch.Tensor:
+def finite_column(dataset: Dataset, name: str) -> torch.Tensor:
+    """A numeric column as float64, refused (naming it and the first row) where a value is None, NaN or infinite."""
     values = torch.tensor([math.nan if value is None else value for value in dataset[name]], dtype=torch.float64)
     bad = torch.nonzero(~torch.isfinite(values))
     if len(bad):
@@ -210,7 +211,7 @@ def proposal_correction(dataset: Dataset, family: Family) -> torch.Tensor:
     """log pi_ref - log p per row: zero for a family without likelihoods, whose samples come from pi_ref itself."""
     if not family.has_likelihood:
         return torch.zeros(len(dataset), dtype=torch.float64)
-    return _column(dataset, "ref_logprob") - _column(dataset, "proposal_logprob")
+    return finite_column(dataset, "ref_logprob") - finite_column(dataset, "proposal_logprob")
 
 
 def log_weight_parts(
@@ -223,11 +224,13 @@ def log_weight_parts(
     """
     correction = proposal_correction(dataset, family)
     if "rlhf" not in config.weighting:
-        return correction, correction, _column(dataset, "ref_logprob")
+        return correction, correction, finite_column(dataset, "ref_logprob")
     offset = correction
     if "rlif" in config.weighting:
-        offset = offset + rlif_exponents(config, torch.tensor(dataset["num_tokens"])) * _column(dataset, "ref_logprob")
-    return correction, offset, _column(dataset, "reward")
+        offset = offset + rlif_exponents(config, torch.tensor(dataset["num_tokens"])) * finite_column(
+            dataset, "ref_logprob"
+        )
+    return correction, offset, finite_column(dataset, "reward")
 
 
 def given_coefficient(dataset: Dataset, config: WeightConfig) -> torch.Tensor:
