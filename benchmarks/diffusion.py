@@ -31,7 +31,8 @@ from datasets import Dataset
 from rlfree.data import read_sidecars, save_stage
 from rlfree.diffusion import toy
 from rlfree.diffusion.classifier import class_log_ratio
-from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
+from rlfree.diffusion.layouts.base import to_images
+from rlfree.diffusion.pipeline import PIXEL_UNET, denoise, load_pipeline
 from rlfree.diffusion.trainer import DiffusionTrainer
 from rlfree.samplers.picking import pick_dataset
 from rlfree.stages.generate import GenerateConfig, generate
@@ -84,7 +85,10 @@ def fine_tuning(root: Path, args: argparse.Namespace) -> None:
         per_device_train_batch_size=256, lr_scheduler_type="linear", report_to=[], disable_tqdm=True,
         logging_steps=10**6, save_strategy="no",
     )  # fmt: skip
-    DiffusionTrainer(SimpleNamespace(unet=family, scheduler=toy.scheduler()), family_args, weighted, "base").train()
+    DiffusionTrainer(
+        SimpleNamespace(unet=family, scheduler=toy.scheduler(), components={}), family_args, weighted, "base",
+        layout=PIXEL_UNET,
+    ).train()  # fmt: skip
     base = plus_frequency(root / "base")
     w, reward = np.array(weighted["weight"]), np.array(weighted["reward"])
     rows = {

@@ -96,6 +96,17 @@ class SamplerOptions(Options):
     num_inference_steps: int = field(
         default=50, metadata={"help": "Diffusion pipelines: denoising steps of the pipeline's scheduler."}
     )
+    resolution: int | None = field(
+        default=None,
+        metadata={"help": "Diffusion pipelines: image height and width in pixels (default: the pipeline's own)."},
+    )
+    cfg_guidance_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Text-to-image pipelines: classifier-free guidance scale (diffusers' guidance_scale; the empty "
+            "prompt as negative); beside --ref_model it guides both of RLG's predictions, as RLG's own code does."
+        },
+    )
     long_prompts: str = field(
         default="error",
         metadata={
@@ -152,6 +163,12 @@ class SamplerOptions(Options):
             raise StageInputError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.num_inference_steps < 1:
             raise StageInputError(f"--num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.resolution is not None and self.resolution < 1:
+            raise StageInputError(f"--resolution must be >= 1 (pixels), got {self.resolution}")
+        if self.cfg_guidance_scale is not None and self.cfg_guidance_scale < 0:
+            raise StageInputError(
+                f"--cfg_guidance_scale must be >= 0 (1 = the conditional model), got {self.cfg_guidance_scale}"
+            )
         if self.vllm_tensor_parallel_size < 1:
             raise StageInputError(f"--vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:

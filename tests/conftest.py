@@ -3,6 +3,7 @@ the stage configs most tests start from, stage folders built once, and toy diffu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import namedtuple
@@ -298,10 +299,10 @@ def class_weighted(tmp_path_factory, sample_score_weight):
 @pytest.fixture(scope="session")
 def text_pipeline(tmp_path_factory):
     """A text-to-image pipeline in StableDiffusionPipeline's layout: VAE latents, a CLIP text encoder."""
-    from rlfree.diffusion import toy
+    from rlfree.diffusion import tiny
 
     folder = tmp_path_factory.mktemp("text_pipeline")
-    toy.build_text_pipeline(folder)
+    tiny.build("sd", folder)
     return folder
 
 
@@ -313,3 +314,18 @@ def text_prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("text_prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in TEXT_PROMPTS))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`tiny_pipeline(kind)`: the folder of a tiny random pipeline of `rlfree.diffusion.tiny.BUILDERS[kind]` (sd, sdxl,
+    sd3, flux), built once per session."""
+    from rlfree.diffusion import tiny
+
+    @functools.cache
+    def build(kind: str):
+        folder = tmp_path_factory.mktemp(f"tiny_{kind}")
+        tiny.build(kind, folder)
+        return folder
+
+    return build

@@ -20,14 +20,8 @@ from datasets import Dataset
 from ..data import folder_stamp, load_stage, process_state, run_in_shards
 from ..errors import StageInputError
 from ..seeds import stream_seed
-from .pipeline import (
-    is_flow_matching,
-    load_pipeline,
-    noise_scheduler,
-    predicted_noise,
-    read_layout,
-    unet_condition,
-)
+from .layouts import Condition, Layout, read_layout
+from .pipeline import PIXEL_UNET, is_flow_matching, joined, load_pipeline, noise_scheduler, predicted_noise
 
 COLUMNS = ("class_log_ratio", "class_log_ratio_stderr")
 
@@ -55,17 +49,18 @@ FLOW_MIN_TIME = 1e-3
 
 @torch.no_grad()
 def class_log_ratio(
-    unet,
+    network,
     scheduler,
     samples: torch.Tensor,
-    condition: dict,
-    null_condition: dict,
+    condition: Condition,
+    null_condition: Condition,
     estimate_seeds: list[int],
     num_estimates: int,
+    layout: Layout = PIXEL_UNET,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(c|x) - log p(c) = log p(x|c) - log p(x), estimated as minus the difference of the conditional and the
-    unconditional variational bounds (anthology eq. 36-37), the network's conditioning given as `condition` and
-    `null_condition` (`unet_condition`):
+    unconditional variational bounds (anthology eq. 36-37), the denoiser's conditioning given as `condition` and
+    `null_condition` (`Layout.condition`, `Layout.null_condition`):
 
         -sum_t lambda_t E_eps[ ||eps - eps(x_t|c, t)||² - ||eps - eps(x_t|null, t)||² ],  lambda_t = `elbo_weights`.
 
@@ -99,7 +94,7 @@ def class_log_ratio(
         importance = weights[times] * len(steps_used)  # lambda_t / (uniform probability of t)
         alpha_bars = scheduler.alphas_cumprod.double()
     noises = torch.stack([torch.randn((num_estimates, *shape), generator=g) for g in generators])  # [B, K, *shape]
-    both = {key: torch.cat([condition[key], null_condition[key]]) for key in condition}
+    both = joined(condition, null_condition)
     pixels = [1] * len(shape)
     estimates = torch.empty(len(samples), num_estimates, dtype=torch.float64)
     for draw in range(num_estimates):
@@ -108,12 +103,12 @@ def class_log_ratio(
             t = times[:, draw].view(-1, *pixels).to(samples.device, samples.dtype)
             noisy = ((1 - t) * samples + t * noise).repeat(2, *pixels)
             timesteps = (times[:, draw] * scheduler.config.num_train_timesteps).to(samples.device, samples.dtype)
-            output = unet(noisy, timesteps.repeat(2), **both).sample.double()
+            output = layout.predict(network, noisy, timesteps.repeat(2), both).double()
             target = (noise - samples).double().repeat(2, *pixels)
         else:
             step = times[:, draw].to(samples.device)
             noisy = scheduler.add_noise(samples, noise, step).repeat(2, *pixels)
-            output = unet(noisy, step.repeat(2), **both).sample
+            output = layout.predict(network, noisy, step.repeat(2), both)
             alpha_bar = alpha_bars[times[:, draw]].view(-1, *pixels).repeat(2, *pixels)
             output = predicted_noise(
                 output.double(), noisy.double(), alpha_bar.to(samples.device), scheduler.config.prediction_type
@@ -163,7 +158,8 @@ def classify(
     `input_dir`, a diffusion `generate` output of `model_name_or_path`; each sample's draws of (t, eps) come from
     (seed, prompt, sample), so the estimate does not depend on batching, sharding or processes."""
     state = process_state()
-    text = read_layout(model_name_or_path).conditioning == "text"
+    layout = read_layout(model_name_or_path)
+    text = layout.conditioning == "text"
     condition_column = "prompt" if text else "class_label"
     columns = ["sample", condition_column, "prompt_index", "sample_index"]
     dataset = load_stage(input_dir, tuple(columns), stage="classifying")
@@ -197,16 +193,13 @@ def classify(
         for start in range(0, len(shard), batch_size):
             batch = table[start : start + batch_size]
             count = len(batch["sample"])
-            if text:
-                condition = unet_condition(pipeline(), prompts=batch["prompt"])
-                null_condition = unet_condition(pipeline(), prompts=[""] * count)
-            else:
-                condition = unet_condition(pipeline(), batch["class_label"])
-                null_condition = unet_condition(pipeline(), torch.full((count,), null_class))
+            condition = layout.condition(pipeline(), batch.get("prompt"), batch.get("class_label"), state.device)
+            null_condition = layout.null_condition(pipeline(), count, null_class, state.device)
             keys = zip(batch["prompt_index"].tolist(), batch["sample_index"].tolist(), strict=True)
+            network = layout.network(pipeline())
             mean, stderr = class_log_ratio(
-                pipeline().unet, forward_process(), batch["sample"].to(state.device, pipeline().unet.dtype),
-                condition, null_condition, [stream_seed(seed, "classifier", p, s) for p, s in keys], num_estimates,
+                network, forward_process(), batch["sample"].to(state.device, network.dtype), condition,
+                null_condition, [stream_seed(seed, "classifier", p, s) for p, s in keys], num_estimates, layout,
             )  # fmt: skip
             estimates += mean.tolist()
             stderrs += stderr.tolist()

@@ -16,7 +16,8 @@ from ..rewards.images import ImageRewardModel
 from ..sources import is_local_path, model_file
 from ..training import ModelConfig, RLFreeConfig
 from .generation import generate_samples
-from .lora import ADAPTER_DIR, add_lora
+from .layouts import read_layout
+from .lora import add_lora
 from .pipeline import load_pipeline
 from .trainer import TRAIN_COLUMNS, DiffusionTrainer
 
@@ -59,13 +60,18 @@ class DiffusionFamily(Family):
         pass  # the pipeline's layout is checked when it loads
 
     def build_trainer(self, model_config: ModelConfig, args: RLFreeConfig, dataset: Dataset) -> DiffusionTrainer:
-        pipeline = load_pipeline(model_config.model_name_or_path, model_config.dtype, default_device())
-        unet, lora = pipeline.unet, ""
+        path = model_config.model_name_or_path
+        layout = read_layout(path)
+        pipeline = load_pipeline(path, model_config.dtype, default_device())
+        network, lora = layout.network(pipeline), ""
         if model_config.use_peft:
             options = [model_config.lora_r, model_config.lora_alpha, model_config.lora_dropout]
-            unet = add_lora(pipeline.unet, *options, model_config.lora_target_modules)
-            lora = f"LoRA r={options[0]} alpha={options[1]} (adapter in {ADAPTER_DIR}/, merged into unet/)"
-        return DiffusionTrainer(pipeline, args, dataset, model_config.model_name_or_path, unet, lora)
+            network = add_lora(network, *options, model_config.lora_target_modules, layout)
+            lora = (
+                f"LoRA r={options[0]} alpha={options[1]} (adapter in {layout.adapter_dir}/, merged into "
+                f"{layout.denoiser}/)"
+            )
+        return DiffusionTrainer(pipeline, args, dataset, path, network, lora, layout=layout)
 
     def needs_full_weights(self, model_config: ModelConfig) -> bool:
         return model_config.use_peft  # a LoRA pipeline is always saved merged

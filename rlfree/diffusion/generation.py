@@ -21,8 +21,9 @@ from ..data import load_prompts, process_state, run_in_shards
 from ..errors import StageInputError
 from ..options import GenerationSettings
 from ..seeds import sample_seed
+from .layouts import Layout, read_layout
 from .lora import shares_base, with_adapter
-from .pipeline import Layout, denoise, load_pipeline, read_layout, sample_shape, to_images, unet_condition
+from .pipeline import denoise, load_pipeline
 
 # Flags of `generate` that only mean something for language models, with the value that leaves them off.
 LM_ONLY = {
@@ -45,21 +46,32 @@ def check_diffusion_flags(config: GenerationSettings, layout: Layout) -> None:
             f"--ref_model {config.ref_model} without --guidance_scale: a diffusion pipeline is sampled as it is (its "
             "samples carry no log-probabilities to correct); --guidance_scale W mixes it with --ref_model (RLG)"
         )
-    if config.ref_model is None and config.guidance_scale is not None and layout.conditioning != "text":
+    if config.ref_model is None and config.guidance_scale is not None and config.cfg_guidance_scale is not None:
         raise StageInputError(
-            f"--guidance_scale without --ref_model is classifier-free guidance, for text-to-image pipelines; "
-            f"{config.model_name_or_path} has no text encoder (with --ref_model, --guidance_scale is RLG's W)"
+            "--guidance_scale and --cfg_guidance_scale: without --ref_model both are the classifier-free guidance "
+            "scale; give one"
         )
-    if config.ref_model is not None and architecture(read_layout(config.ref_model)) != architecture(layout):
+    if cfg_scale(config) is not None and layout.conditioning != "text":
         raise StageInputError(
-            f"--ref_model {config.ref_model} and --model_name_or_path {config.model_name_or_path} have different UNet "
-            "architectures: guidance mixes their predictions step by step, so one must be fine-tuned from the other"
+            f"classifier-free guidance (--cfg_guidance_scale, or --guidance_scale without --ref_model) is for "
+            f"text-to-image pipelines; {config.model_name_or_path} has no text encoder (with --ref_model, "
+            "--guidance_scale is RLG's W)"
+        )
+    if config.resolution is not None:
+        layout.check_resolution(config.resolution, config.model_name_or_path)
+    if config.ref_model is not None and read_layout(config.ref_model).architecture != layout.architecture:
+        raise StageInputError(
+            f"--ref_model {config.ref_model} and --model_name_or_path {config.model_name_or_path} have different "
+            f"{layout.denoiser} architectures: guidance mixes their predictions step by step, so one must be "
+            "fine-tuned from the other"
         )
 
 
-def architecture(layout: Layout) -> dict:
-    """A UNet's config without the bookkeeping (`_name_or_path`, versions): what two mixable UNets share."""
-    return {key: value for key, value in layout.unet.items() if not key.startswith("_")}
+def cfg_scale(config: GenerationSettings) -> float | None:
+    """The classifier-free guidance scale: --cfg_guidance_scale, or --guidance_scale where it is not RLG's W."""
+    if config.cfg_guidance_scale is not None or config.ref_model is not None:
+        return config.cfg_guidance_scale
+    return config.guidance_scale
 
 
 def conditions(config: GenerationSettings, layout: Layout) -> list[dict]:
@@ -122,25 +134,31 @@ def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
     state = process_state()
     rows = conditions(config, layout)
     settings = settings | {"num_prompts": len(rows)}
-    # --guidance_scale is RLG's W beside --ref_model, else a text-to-image pipeline's classifier-free guidance.
     rlg_scale = config.guidance_scale if config.ref_model is not None else 1.0
-    cfg_scale = config.guidance_scale if config.ref_model is None and config.guidance_scale is not None else None
-    # RLG between a LoRA output and the base its adapter sits on: one UNet, the adapter on and off.
-    one_unet = shares_base(path, config.ref_model)
+    guidance = cfg_scale(config)
+    # RLG between a LoRA output and the base its adapter sits on: one denoiser, the adapter on and off.
+    one_network = shares_base(path, config.ref_model, layout)
 
     @functools.cache
-    def pipeline():  # the scheduler, and the text encoder and VAE of a text-to-image pipeline
-        return load_pipeline(config.ref_model if one_unet else path, config.dtype, state.device)
+    def pipeline():  # the scheduler, and the text encoders and VAE of a text-to-image pipeline
+        return load_pipeline(config.ref_model if one_network else path, config.dtype, state.device)
 
     @functools.cache
-    def unet():
-        return with_adapter(pipeline().unet, path) if one_unet else pipeline().unet
+    def network():
+        own = layout.network(pipeline())
+        return with_adapter(own, path, layout) if one_network else own
 
     @functools.cache
-    def ref_unet():
-        if one_unet:
-            return AdapterOff(unet())
-        return None if config.ref_model is None else load_pipeline(config.ref_model, config.dtype, state.device).unet
+    def ref_network():
+        if one_network:
+            return AdapterOff(network())
+        if config.ref_model is None:
+            return None
+        return layout.network(load_pipeline(config.ref_model, config.dtype, state.device))
+
+    @functools.cache
+    def shape():
+        return layout.sample_shape(pipeline(), config.resolution)
 
     def make_shard(positions: range) -> Dataset:
         shard = [divmod(position, config.num_samples) for position in positions]  # (prompt, sample)
@@ -148,19 +166,22 @@ def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
         for start in range(0, len(shard), config.batch_size):
             batch = shard[start : start + config.batch_size]
             labels = torch.tensor([rows[p]["class_label"] for p, _ in batch]) if layout.num_classes else None
-            condition = unet_condition(pipeline(), labels, [rows[p]["prompt"] for p, _ in batch])
-            null_condition = None if cfg_scale is None else unet_condition(pipeline(), prompts=[""] * len(batch))
+            prompts = [rows[p]["prompt"] for p, _ in batch]
+            condition = layout.condition(pipeline(), prompts, labels, state.device)
+            null_condition = (
+                None if guidance is None else layout.null_condition(pipeline(), len(batch), None, state.device)
+            )
             seeds = [sample_seed(config.seed, p, s) for p, s in batch]
             samples = denoise(
-                unet(), pipeline().scheduler, seeds, condition, config.num_inference_steps, ref_unet(), rlg_scale,
-                null_condition, cfg_scale or 1.0,
+                network(), pipeline().scheduler, seeds, condition, config.num_inference_steps, ref_network(),
+                rlg_scale, null_condition, guidance or 1.0, layout, shape(),
             )  # fmt: skip
-            images = to_images(samples, getattr(pipeline(), "vae", None))
+            images = layout.decode(pipeline(), samples)
             for (p, s), sample, image in zip(batch, samples.float().cpu().numpy(), images, strict=True):
                 row = rows[p] | {"prompt_index": p, "sample_index": s, "completion": image, "sample": sample}
                 for name, value in row.items():
                     columns.setdefault(name, []).append(value)
-        types = features(rows, sample_shape(unet()), columns["completion"][0].shape)
+        types = features(rows, shape(), columns["completion"][0].shape)
         dataset = Dataset.from_dict({name: columns[name] for name in types}, features=types)
         for name in columns.keys() - types.keys():
             dataset = dataset.add_column(name, columns[name])

@@ -1,8 +1,5 @@
-"""Loading a diffusers pipeline, drawing seeded samples from it, and its denoising loss.
-
-Supported: UNet pipelines, in pixel space (`DDPMPipeline`'s layout: unet + scheduler), unconditional or
-class-conditional (`num_class_embeds`: the prompts are class labels), or in a VAE's latent space with a text encoder
-(`StableDiffusionPipeline`'s layout: the prompts are text). The loop is written here rather than calling
+"""Loading a diffusers pipeline, drawing seeded samples from it, and its denoising loss, whatever its layout
+(`rlfree.diffusion.layouts`: UNet pipelines in pixel space or with a text encoder, SDXL, SD3, Flux). The loop is written here rather than calling
 `pipeline(...)`: every sample's noise, at the start and at every stochastic step, comes from its own generator seeded
 by (seed, prompt, sample), so a sample does not depend on the batch it was drawn in, and the stored sample is the
 model-space tensor (pixels or latents) the trainer needs, not only the image.
@@ -12,140 +9,101 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..adapters import as_reference
 from ..device import default_device, resolve_dtype
 from ..errors import StageInputError
-from ..sources import model_file
+from .layouts import Condition, Layout, null_components, read_layout
+from .layouts.unet import UNetLayout
 
-TEXT_COMPONENTS = {"unet", "scheduler", "vae", "text_encoder", "tokenizer"}
-# Components a text-to-image pipeline may hold and rlfree leaves alone (saved as null when absent).
-IGNORED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a pipeline folder holds, read without loading weights: its UNet's config and how the UNet is conditioned
-    ("none", "class": class labels, "text": a text encoder's embeddings of the prompt, in a VAE's latent space)."""
-
-    unet: dict
-    conditioning: str
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.unet.get("num_class_embeds") if self.conditioning == "class" else None
-
-
-def read_layout(path: str) -> Layout:
-    """The pipeline's layout, or a clear refusal of what rlfree cannot sample or train yet."""
-    index = json.loads(model_file(path, "model_index.json").read_text())
-    name = index.get("_class_name", "pipeline")
-    components = {key for key, value in index.items() if not key.startswith("_") and value and value[0] is not None}
-    if "unet" not in components or "scheduler" not in components:
-        raise StageInputError(
-            f"--model_name_or_path {path}: a {name} without a `unet` and a `scheduler` (a transformer-based pipeline, "
-            "as SD3 or Flux, or a VQ model); rlfree supports UNet pipelines: DDPMPipeline's layout (unet + scheduler) "
-            "and StableDiffusionPipeline's (+ vae, text_encoder, tokenizer)"
-        )
-    extra = sorted(components - TEXT_COMPONENTS - IGNORED_COMPONENTS)
-    text = "text_encoder" in components
-    missing = sorted(TEXT_COMPONENTS - components) if text else sorted(components & {"vae", "tokenizer"})
-    if extra or missing:
-        raise StageInputError(
-            f"--model_name_or_path {path}: a {name} with components {sorted(components)}; rlfree supports "
-            "DDPMPipeline's layout (unet + scheduler) and StableDiffusionPipeline's (unet, scheduler, vae, "
-            f"text_encoder, tokenizer){f', not {extra}' if extra else f', and it lacks {missing}'}"
-        )
-    unet = json.loads(model_file(path, "unet/config.json").read_text())
-    unsupported = [key for key in ("addition_embed_type", "time_cond_proj_dim") if unet.get(key) is not None]
-    if unsupported:
-        raise StageInputError(
-            f"--model_name_or_path {path}: its UNet takes extra conditioning ({', '.join(unsupported)}: SDXL's added "
-            "time ids or an LCM's guidance embedding), which rlfree does not supply yet"
-        )
-    conditioning = "text" if text else "class" if unet.get("num_class_embeds") else "none"
-    return Layout(unet=unet, conditioning=conditioning)
+# The layout of a pixel-space UNet (the toy models, DDPMPipeline): the default of the functions below.
+PIXEL_UNET = UNetLayout(config={}, conditioning="none")
 
 
 def load_pipeline(path: str, dtype: str = "auto", device: torch.device | None = None):
     """The pipeline in eval mode on `device` (CUDA when present); float32 on CPU."""
     from diffusers import DiffusionPipeline
 
-    read_layout(path)
+    layout = read_layout(path)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    pipeline = DiffusionPipeline.from_pretrained(path, **({} if torch_dtype == "auto" else {"dtype": torch_dtype}))
-    pipeline.unet.eval()
+    dtype_kwargs = {} if torch_dtype == "auto" else {"dtype": torch_dtype}
+    pipeline = DiffusionPipeline.from_pretrained(path, **null_components(path), **dtype_kwargs)
+    layout.network(pipeline).eval()
     return pipeline.to(device)
 
 
-def sample_shape(unet) -> tuple[int, int, int]:
-    size = unet.config.sample_size
+def default_shape(network) -> tuple[int, int, int]:
+    """[C, H, W] of a sample of a denoiser whose config gives its channels and sample size (a UNet, the toy models)."""
+    size = network.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
-    return unet.config.in_channels, height, width
+    return network.config.in_channels, height, width
 
 
-@torch.no_grad()
-def unet_condition(
-    pipeline, class_labels: torch.Tensor | None = None, prompts: list[str] | None = None, device=None
-) -> dict[str, torch.Tensor]:
-    """The UNet's conditioning keyword arguments: the text encoder's embeddings of `prompts` for a text-to-image
-    pipeline (as its own `encode_prompt` computes them), else `class_labels` (none for an unconditional UNet)."""
-    device = device or pipeline.unet.device
-    if getattr(pipeline, "text_encoder", None) is not None:
-        return {"encoder_hidden_states": pipeline.encode_prompt(prompts, device, 1, False)[0]}
-    return {} if class_labels is None else {"class_labels": class_labels.to(device)}
+def joined(first: Condition, second: Condition) -> Condition:
+    """Two conditionings as one batch, `first` ahead."""
+    return {key: torch.cat([first[key], second[key]]) for key in first}
 
 
-def predict(unet, x: torch.Tensor, t, condition: dict, null_condition: dict | None, cfg_scale: float) -> torch.Tensor:
-    """The UNet's output at (x, t); with `null_condition`, classifier-free guidance as diffusers pipelines apply it:
+def predict(
+    network,
+    x: torch.Tensor,
+    t,
+    condition: Condition,
+    null_condition: Condition | None,
+    cfg_scale: float,
+    layout: Layout,
+) -> torch.Tensor:
+    """The denoiser's output at (x, t); with `null_condition`, classifier-free guidance as diffusers pipelines apply it:
     uncond + cfg_scale·(cond - uncond), both halves in one batch."""
+    t = torch.as_tensor(t, device=x.device)
     if null_condition is None:
-        return unet(x, t, **condition).sample
-    both = {key: torch.cat([null_condition[key], condition[key]]) for key in condition}
-    unconditional, conditional = unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+        return layout.predict(network, x, t, condition)
+    both = layout.predict(network, torch.cat([x, x]), t, joined(null_condition, condition))
+    unconditional, conditional = both.chunk(2)
     return unconditional + cfg_scale * (conditional - unconditional)
 
 
 @torch.no_grad()
 def denoise(
-    unet,
+    network,
     scheduler,
     noise_seeds: list[int],
-    condition: dict | None,
+    condition: Condition | None,
     num_inference_steps: int,
-    ref_unet=None,
+    ref_network=None,
     guidance_scale: float = 1.0,
-    null_condition: dict | None = None,
+    null_condition: Condition | None = None,
     cfg_scale: float = 1.0,
+    layout: Layout = PIXEL_UNET,
+    shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """Samples in model space, one per seed: the scheduler's reverse process with per-sample generators.
+    """Samples in model space, one per seed, of `shape` (default: the denoiser's sample size): the scheduler's reverse
+    process with per-sample generators, each step a pass of the denoiser as `layout` drives it.
 
-    `condition` holds the UNet's conditioning (`unet_condition`); with `null_condition`, each prediction is
-    classifier-free guided at `cfg_scale`. With `ref_unet`, every step uses RLG's mix of the two predictions,
-    ref + w·(unet - ref) (2508.21016): w = 0 is the reference, 1 the tuned model, w > 1 extrapolates. `ref_unet` may be
-    `AdapterOff(unet)`: a LoRA-tuned UNet with its adapter switched off is its own base."""
+    `condition` holds the denoiser's conditioning (`Layout.condition`); with `null_condition`, each prediction is
+    classifier-free guided at `cfg_scale`. With `ref_network`, every step uses RLG's mix of the two (guided)
+    predictions, ref + w·(network - ref) (2508.21016): w = 0 is the reference, 1 the tuned model, w > 1 extrapolates.
+    `ref_network` may be `AdapterOff(network)`: a LoRA-tuned denoiser with its adapter switched off is its own base."""
+    shape = shape or default_shape(network)
     scheduler = copy.deepcopy(scheduler)  # set_timesteps and multistep solvers keep state
-    scheduler.set_timesteps(num_inference_steps)
+    layout.set_timesteps(scheduler, num_inference_steps, shape)
     generators = [torch.Generator().manual_seed(seed) for seed in noise_seeds]
-    noise = torch.stack([torch.randn(sample_shape(unet), generator=generator) for generator in generators])
+    noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators])
     # Flow-matching schedulers start from unit noise and take the model input as it is.
-    x = noise.to(unet.device, unet.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+    x = noise.to(network.device, network.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
     scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     condition = condition or {}
     # As the pipelines' prepare_extra_step_kwargs: only stochastic steps take the generators.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         model_input = scale(x, t)
-        output = predict(unet, model_input, t, condition, null_condition, cfg_scale)
-        if ref_unet is not None:
-            with as_reference(ref_unet) as reference:
-                ref_output = predict(reference, model_input, t, condition, null_condition, cfg_scale)
+        output = predict(network, model_input, t, condition, null_condition, cfg_scale, layout)
+        if ref_network is not None:
+            with as_reference(ref_network) as reference:
+                ref_output = predict(reference, model_input, t, condition, null_condition, cfg_scale, layout)
             output = ref_output + guidance_scale * (output - ref_output)
         x = scheduler.step(output, t, x, **step_kwargs).prev_sample
     return x
@@ -161,18 +119,6 @@ def predicted_noise(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.
     if prediction_type == "sample":
         return (noisy - a * output) / b
     raise StageInputError(f"the scheduler's prediction_type {prediction_type!r} is not supported")
-
-
-@torch.no_grad()
-def to_images(samples: torch.Tensor, vae=None) -> np.ndarray:
-    """[B, H, W, C] floats in [0, 1], exactly as the pipeline's `output_type="np"` turns its samples into images:
-    latents go through the VAE's decoder first."""
-    if vae is not None:
-        latents = samples.to(vae.device, vae.dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None) is not None:
-            latents = latents + vae.config.shift_factor
-        samples = vae.decode(latents, return_dict=False)[0]
-    return (samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
 
 
 def is_flow_matching(scheduler) -> bool:
@@ -193,27 +139,33 @@ def noise_scheduler(scheduler):
 
 
 # How flow-matching training draws its times, as diffusers' SD3 training script does by default (2403.03206, §3.1):
-# u = sigmoid(n), n ~ N(LOGIT_MEAN, LOGIT_STD), picks one of the scheduler's training sigmas, with a loss weight of 1.
+# u = sigmoid(n), n ~ N(LOGIT_MEAN, LOGIT_STD), picks one of the scheduler's training sigmas, with a loss weight of 1
+# (Flux's script draws u uniformly, also with weight 1).
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 
 
 def denoising_loss(
-    unet, scheduler, samples: torch.Tensor, condition: dict | None, generators: list[torch.Generator] | None = None
+    network,
+    scheduler,
+    samples: torch.Tensor,
+    condition: Condition | None,
+    generators: list[torch.Generator] | None = None,
+    layout: Layout = PIXEL_UNET,
 ) -> torch.Tensor:
     """Per-sample denoising loss ||target - prediction||² (mean over pixels) at a random time and noise; `condition`
-    holds the UNet's conditioning (`unet_condition`). With `generators`, one per sample, each sample's time and noise
-    come from its own generator (on the CPU), so they do not depend on the batch, the device or the process.
+    holds the denoiser's conditioning (`Layout.condition`). With `generators`, one per sample, each sample's time and
+    noise come from its own generator (on the CPU), so they do not depend on the batch, the device or the process.
 
     The target is what the scheduler's config says the network predicts: the noise (epsilon), the velocity
     (v_prediction), the clean sample (sample), or noise - x0 for flow matching (x_t = (1 - s)·x0 + s·noise, with s one
-    of the scheduler's training sigmas drawn as SD3 is trained: `LOGIT_MEAN`, `LOGIT_STD`; `scheduler` is then a fresh
-    one, as `noise_scheduler` makes it).
+    of the scheduler's training sigmas, picked by u ∈ [0, 1) as diffusers' training scripts do: u logit-normal
+    (`LOGIT_MEAN`, `LOGIT_STD`; SD3) or uniform (Flux), as `layout.flow_times` says; `scheduler` is then a fresh one,
+    as `noise_scheduler` makes it).
     """
     batch, shape = samples.shape[0], samples.shape[1:]
     flow = is_flow_matching(scheduler)
-    draw_time = (
-        torch.randn if flow else torch.rand
-    )  # the normal of a logit-normal time for flow matching, else uniform
+    logit_normal = flow and layout.flow_times == "logit_normal"
+    draw_time = torch.randn if logit_normal else torch.rand  # a logit-normal time's normal, else uniform
     if generators is None:
         noise, time = torch.randn(samples.shape), draw_time(batch)
     else:
@@ -222,7 +174,8 @@ def denoising_loss(
     noise, time = noise.to(samples.device, samples.dtype), time.to(samples.device)
     if flow:
         steps = scheduler.config.num_train_timesteps
-        index = (torch.sigmoid(LOGIT_MEAN + LOGIT_STD * time) * steps).long().clamp_max(steps - 1)
+        u = torch.sigmoid(LOGIT_MEAN + LOGIT_STD * time) if logit_normal else time
+        index = (u * steps).long().clamp_max(steps - 1)
         sigma = scheduler.sigmas[index.cpu()].to(samples.device, samples.dtype)
         expand = sigma.view(-1, *([1] * len(shape)))
         noisy = (1 - expand) * samples + expand * noise
@@ -241,5 +194,5 @@ def denoising_loss(
             target = samples
         else:
             raise StageInputError(f"the scheduler's prediction_type {prediction_type!r} is not supported")
-    prediction = unet(noisy, timesteps, **(condition or {})).sample
+    prediction = layout.predict(network, noisy, timesteps, condition or {})
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

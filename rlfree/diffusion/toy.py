@@ -229,53 +229,6 @@ def train_base(folder: str | Path, plus_weight: float, steps: int = 400, batch_s
     )
 
 
-TEXT_WORDS = ("<pad>", "<unk>", "a", "bright", "dark", "square", "circle", "small", "large")
-
-
-def build_text_pipeline(folder: str | Path, seed: int = 0) -> None:
-    """A tiny random text-to-image pipeline in StableDiffusionPipeline's layout (CLIP text encoder, VAE with 2×
-    downsampling, UNet2DConditionModel with cross-attention, DDIM scheduler), 3×16×16 images from 4×8×8 latents,
-    saved as a pipeline folder. Built locally (nothing can be downloaded); a word-level tokenizer over `TEXT_WORDS`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
-
-    torch.manual_seed(seed)
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(TEXT_WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", model_max_length=6
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(TEXT_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=6, projection_dim=16, pad_token_id=0, eos_token_id=0,
-        )
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
-        sample_size=16,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    )  # fmt: skip
-    scheduler = DDIMScheduler(
-        num_train_timesteps=100,
-        beta_schedule="squaredcos_cap_v2",
-        timestep_spacing="trailing",
-        steps_offset=1,
-        clip_sample=False,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipeline.save_pretrained(folder)
-
-
 def resample(weighted: Dataset, seed: int) -> Dataset:
     """The control for weighted training: as many rows, drawn in proportion to their weights, then weighted uniformly.
     Plain (unweighted) denoising on it targets the same tilt, so a fit that lands elsewhere on both is the model's

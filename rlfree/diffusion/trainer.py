@@ -6,7 +6,7 @@ with w_i ∝ exp(r(x_i, c)/beta) self-normalized per condition over N samples of
 so the fine-tuned model targets p_base(x|c)·exp(r(x, c)/beta)/Z. The target and noising follow the pipeline's
 scheduler (epsilon, v_prediction, sample, or flow matching), and the loss is normalized per optimizer step across
 micro-batches and ranks exactly as the LM trainer's (`rlfree.training`). The result is the base pipeline with the
-trained UNet, saved where `DiffusionPipeline.from_pretrained` (and the pipeline's own class) loads it.
+trained denoiser (UNet or transformer), saved where `DiffusionPipeline.from_pretrained` (and the pipeline's own class) loads it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from ..data import read_sidecars
 from ..errors import StageInputError
 from ..seeds import stream_seed
 from ..training import CardFamily, RLFreeConfig, model_card, weight_scale, weighted_step_loss
+from .layouts import Layout
 from .lora import save_adapter_and_merge
-from .pipeline import denoising_loss, noise_scheduler, unet_condition
+from .pipeline import denoising_loss, noise_scheduler
 
 TRAIN_COLUMNS = ("sample", "weight")
 
@@ -50,7 +51,7 @@ class DenoisingCollator:
 
 
 class DiffusionTrainer(Trainer):
-    """Trainer whose loss is the weighted denoising loss of the pipeline's UNet, normalized per optimizer step."""
+    """Trainer whose loss is the weighted denoising loss of the pipeline's denoiser, normalized per optimizer step."""
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's row count
 
@@ -60,42 +61,48 @@ class DiffusionTrainer(Trainer):
         args: RLFreeConfig,
         train_dataset: Dataset,
         base_model: str,
-        unet=None,
+        network=None,
         lora: str = "",
+        *,
+        layout: Layout,
         **kwargs,
     ):
-        """`unet` is what trains: the pipeline's own UNet (full fine-tuning) or a LoRA-wrapped one (`lora.add_lora`),
-        which `lora` describes for the model card."""
+        """`network` is what trains: the pipeline's own denoiser (full fine-tuning) or a LoRA-wrapped one
+        (`lora.add_lora`), which `lora` describes for the model card; `layout` drives it (`read_layout`)."""
         scale = weight_scale(train_dataset, TRAIN_COLUMNS, "train on the output of `rlfree weight`")
         self.pipeline = pipeline
+        self.layout = layout
         self.noise_scheduler = noise_scheduler(pipeline.scheduler)
         self.base_model = base_model
         self.lora = lora
-        text = getattr(pipeline, "text_encoder", None) is not None
-        condition_column = "prompt" if text else "class_label" if pipeline.unet.config.num_class_embeds else None
+        condition_column = {"text": "prompt", "class": "class_label"}.get(layout.conditioning)
         if condition_column and condition_column not in train_dataset.column_names:
             raise StageInputError(
-                f"the UNet is {'text' if text else 'class'}-conditional but the training data has no {condition_column} "
-                "column: train on the output of `rlfree weight` over this pipeline's own samples"
+                f"the {layout.denoiser} is {layout.conditioning}-conditional but the training data has no "
+                f"{condition_column} column: train on the output of `rlfree weight` over this pipeline's own samples"
             )
         columns = [*TRAIN_COLUMNS, *([condition_column] if condition_column else [])]
         # Rows as numpy: a sample read as nested Python lists costs a float object per pixel.
         rows = train_dataset.select_columns(columns).add_column("row", list(range(len(train_dataset))))
         super().__init__(
-            model=pipeline.unet if unet is None else unet,
+            model=layout.network(pipeline) if network is None else network,
             args=args,
             train_dataset=rows.with_format("numpy"),
             data_collator=DenoisingCollator(scale, condition_column),
             **kwargs,
         )
-        if text:  # frozen, on this process's device: it only embeds the prompts
-            pipeline.text_encoder.requires_grad_(False).to(self.args.device)
+        for name, component in pipeline.components.items():  # frozen, on this process's device: they embed prompts
+            if name.startswith("text_encoder") and component is not None:
+                component.requires_grad_(False).to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        condition = unet_condition(
-            self.pipeline, inputs.get("class_labels"), inputs.get("prompts"), device=inputs["samples"].device
+        samples = inputs["samples"]
+        condition = self.layout.condition(
+            self.pipeline, inputs.get("prompts"), inputs.get("class_labels"), samples.device
         )
-        per_sample = denoising_loss(model, self.noise_scheduler, inputs["samples"], condition, self.generators(inputs))
+        per_sample = denoising_loss(
+            model, self.noise_scheduler, samples, condition, self.generators(inputs), self.layout
+        )
         loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
 
@@ -109,14 +116,14 @@ class DiffusionTrainer(Trainer):
         ]
 
     def save_pipeline(self, output_dir: str) -> None:
-        """The base pipeline with the trained UNet, as `DiffusionPipeline.from_pretrained` reads it, and its card. A LoRA
-        adapter is saved alone in `unet_lora/` and merged into the pipeline's UNet."""
+        """The base pipeline with the trained denoiser, as `DiffusionPipeline.from_pretrained` reads it, and its card.
+        A LoRA adapter is saved alone in `<denoiser>_lora/` and merged into the pipeline's denoiser."""
         if not self.is_world_process_zero():
             return
-        unet = self.accelerator.unwrap_model(self.model)
+        network = self.accelerator.unwrap_model(self.model)
         if self.lora:
-            unet = save_adapter_and_merge(unet, output_dir, self.base_model)
-        self.pipeline.register_modules(unet=unet)
+            network = save_adapter_and_merge(network, output_dir, self.base_model, self.layout)
+        self.pipeline.register_modules(**{self.layout.denoiser: network})
         self.pipeline.save_pretrained(output_dir)
         sidecars = read_sidecars(self.args.dataset_dir)
         steps = sidecars.get("generation", {}).get("num_inference_steps")

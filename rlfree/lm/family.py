@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from ..errors import StageInputError
 from ..family import Family
 from ..options import GenerationSettings, check_guidance
 from ..rewards.scoring import RewardModel
@@ -17,6 +18,9 @@ from .generation import generate_completions
 from .guidance import guidance_log_weights
 from .loading import load_tokenizer
 from .trainer import TRAIN_COLUMNS, RLFreeTrainer, build_model
+
+# Flags of `generate` that only mean something for diffusion pipelines (unset: None).
+DIFFUSION_ONLY = ("resolution", "cfg_guidance_scale")
 
 
 class LanguageModelFamily(Family):
@@ -30,6 +34,11 @@ class LanguageModelFamily(Family):
         return True  # the catch-all: whatever the families before it in the registry did not take
 
     def check_generate(self, config: GenerationSettings) -> None:
+        set_flags = [f"--{name}" for name in DIFFUSION_ONLY if getattr(config, name) is not None]
+        if set_flags:
+            raise StageInputError(
+                f"{', '.join(set_flags)}: for diffusion pipelines; {config.model_name_or_path} is a language model"
+            )
         if config.guidance_scale is not None:
             check_guidance(config.guidance_scale, config.ref_model, config.backend)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
+from rlfree.diffusion.layouts.base import to_images
+from rlfree.diffusion.pipeline import denoise, load_pipeline
 from rlfree.errors import StageInputError
 from rlfree.stages.generate import generate
 from tests.helpers import TEXT_PROMPTS

@@ -17,7 +17,8 @@ def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeli
     and off, and draws the same samples as RLG between the merged pipeline and a separate copy of the base."""
     from diffusers import DDPMPipeline, DiffusionPipeline
 
-    from rlfree.diffusion.lora import ADAPTER_DIR, adapter_base
+    from rlfree.diffusion.layouts import read_layout
+    from rlfree.diffusion.lora import adapter_base
     from rlfree.stages.sample import SampleConfig, sample
 
     sample_score_weight(tmp_path, random_pipeline, None, REWARD, 0.5, num_samples=16, num_inference_steps=2)
@@ -26,11 +27,13 @@ def test_lora_saves_a_merged_pipeline_and_serves_rlg_from_one_unet(random_pipeli
         RLFreeConfig(output_dir=str(tmp_path / "lora"), dataset_dir=str(tmp_path / "weighted"), max_steps=3,
                      per_device_train_batch_size=8, learning_rate=5e-2, report_to=[], disable_tqdm=True),
     )  # fmt: skip
-    adapter = load_file(tmp_path / "lora" / ADAPTER_DIR / "adapter_model.safetensors")
+    layout = read_layout(str(random_pipeline))
+    assert layout.adapter_dir == "unet_lora"
+    adapter = load_file(tmp_path / "lora" / layout.adapter_dir / "adapter_model.safetensors")
     assert all("lora_" in name for name in adapter) and any(".conv1.lora_A." in name for name in adapter)
     tuned = DiffusionPipeline.from_pretrained(tmp_path / "lora")
     base = DDPMPipeline.from_pretrained(random_pipeline)
-    assert isinstance(tuned, DDPMPipeline) and adapter_base(str(tmp_path / "lora")) == str(random_pipeline)
+    assert isinstance(tuned, DDPMPipeline) and adapter_base(str(tmp_path / "lora"), layout) == str(random_pipeline)
     assert "LoRA r=4" in (tmp_path / "lora" / "README.md").read_text()
     targets = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in adapter}
     base_weights = dict(base.unet.named_parameters())

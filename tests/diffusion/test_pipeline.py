@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlfree.diffusion.layouts import read_layout
 from rlfree.diffusion.pipeline import load_pipeline
 from rlfree.training import RLFreeConfig
 
@@ -24,7 +25,7 @@ def test_training_noise_follows_the_forward_process_whatever_the_sampler(
     ddim_alphas = pipeline.scheduler.alphas_cumprod
     pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
     args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path / "weighted"), report_to=[])
-    trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline))
+    trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline), layout=read_layout(str(text_pipeline)))
     assert isinstance(trainer.noise_scheduler, DDPMScheduler)
     torch.testing.assert_close(trainer.noise_scheduler.alphas_cumprod, ddim_alphas)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -53,5 +54,5 @@ def test_the_flow_matching_euler_loop_on_the_exact_velocity_draws_the_mixture():
     seeds = list(range(64))
     own = {name: denoise(field, toy.flow_scheduler(), seeds, None, 20) for name, field in (("base", base), ("tuned", tuned))}  # fmt: skip
     for scale, expected in ((0.0, own["base"]), (1.0, own["tuned"])):
-        mixed = denoise(tuned, toy.flow_scheduler(), seeds, None, 20, ref_unet=base, guidance_scale=scale)
+        mixed = denoise(tuned, toy.flow_scheduler(), seeds, None, 20, ref_network=base, guidance_scale=scale)
         np.testing.assert_allclose(mixed.numpy(), expected.numpy(), atol=1e-6)

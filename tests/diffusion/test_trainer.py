@@ -11,7 +11,9 @@ import torch
 from datasets import load_from_disk
 
 from rlfree.diffusion import toy
-from rlfree.diffusion.pipeline import load_pipeline, to_images
+from rlfree.diffusion.layouts import read_layout
+from rlfree.diffusion.layouts.base import to_images
+from rlfree.diffusion.pipeline import PIXEL_UNET, load_pipeline
 from rlfree.errors import StageInputError
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import train
@@ -38,7 +40,7 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     data = Dataset.from_dict({"sample": samples.numpy().tolist(), "weight": weights, "prompt_index": [0] * 6})
     args = RLFreeConfig(output_dir=str(tmp_path), dataset_dir=str(tmp_path), per_device_train_batch_size=3,
                         gradient_accumulation_steps=2, report_to=[])  # fmt: skip
-    trainer = DiffusionTrainer(pipeline, args, data, str(random_pipeline))
+    trainer = DiffusionTrainer(pipeline, args, data, str(random_pipeline), layout=PIXEL_UNET)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     loss = trainer.compute_loss(pipeline.unet, batch)
     # Each row's time and noise come from (seed, row, optimizer step) only.
@@ -83,7 +85,9 @@ def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_
     args = RLFreeConfig(output_dir=str(tmp_path / "fit"), dataset_dir=str(tmp_path / "weighted"), max_steps=400,
                         per_device_train_batch_size=128, gradient_accumulation_steps=2, learning_rate=0.05,
                         lr_scheduler_type="linear", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6)  # fmt: skip
-    DiffusionTrainer(SimpleNamespace(unet=model, scheduler=scheduler), args, weighted, "pi_ref").train()
+    DiffusionTrainer(
+        SimpleNamespace(unet=model, scheduler=scheduler, components={}), args, weighted, "pi_ref", layout=PIXEL_UNET
+    ).train()
     fitted = model.plus_weights.item()
     print(f"+ weight: pi_ref {plus}, weighted data {weighted_share:.4f}, fitted {fitted:.4f}, exact tilt {target:.4f}")
     assert abs(fitted - weighted_share) < 0.02, (fitted, weighted_share)  # the optimizer's own noise: about 0.007
@@ -107,7 +111,7 @@ def test_weighted_training_of_a_text_to_image_unet(text_pipeline, text_prompts, 
     pipeline = load_pipeline(str(text_pipeline))
     args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path / "weighted"),
                         per_device_train_batch_size=4, report_to=[])  # fmt: skip
-    trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline))
+    trainer = DiffusionTrainer(pipeline, args, weighted, str(text_pipeline), layout=read_layout(str(text_pipeline)))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(pipeline.unet, batch)
     embeddings = pipeline.encode_prompt([weighted[i]["prompt"] for i in range(4)], "cpu", 1, False)[0]

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfree.demos import DemoConfig, run_demo
 from rlfree.diffusion import toy
-from rlfree.diffusion.pipeline import denoise, load_pipeline, to_images
+from rlfree.diffusion.layouts.base import to_images
+from rlfree.diffusion.pipeline import denoise, load_pipeline
 from rlfree.stages.generate import generate
 from rlfree.stages.train import train
 from rlfree.training import ModelConfig, RLFreeConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rlfree.diffusion import toy
+from rlfree.diffusion import tiny
 from rlfree.stages.generate import generate
 from rlfree.stages.score import ScoreConfig, score
 
@@ -26,7 +26,7 @@ def test_image_reward_models_score_the_images(text_pipeline, text_prompts, pipel
     torch.manual_seed(0)
     clip = CLIPModel(
         CLIPConfig(
-            text_config={"vocab_size": len(toy.TEXT_WORDS), "hidden_size": 16, "intermediate_size": 32,
+            text_config={"vocab_size": len(tiny.TEXT_WORDS), "hidden_size": 16, "intermediate_size": 32,
                          "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 6,
                          "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
             vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
