@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from datasets import load_from_disk
 
 from rlfree.diffusion.layouts import read_layout
-from rlfree.diffusion.pipeline import load_pipeline
+from rlfree.diffusion.pipeline import denoising_loss, load_pipeline
 from rlfree.errors import StageInputError
-from rlfree.seeds import sample_seed
+from rlfree.seeds import sample_seed, stream_seed
 from rlfree.stages.generate import GenerateConfig, generate
+from rlfree.stages.train import train
+from rlfree.training import ModelConfig, RLFreeConfig
 from tests.helpers import TEXT_PROMPTS
 
 BRIGHTNESS = "tests.helpers:brightness"
@@ -94,3 +97,106 @@ def test_layouts_refuse_what_they_cannot_drive(tiny_pipeline, text_prompts, refe
         with pytest.raises(StageInputError, match=message):
             generate(GenerateConfig(**{key: value and str(value) if key.endswith(("path", "model")) else value
                                        for key, value in config.items()}))  # fmt: skip
+
+
+def flow_loss_by_hand(layout, pipeline, samples, prompts, rows, seed: int) -> torch.Tensor:
+    """The per-sample flow-matching loss written out: noise, then u from each row's generator (logit-normal for SD3,
+    uniform for Flux), the training sigma u picks, x_t = (1 - s)·x0 + s·noise, target noise - x0."""
+    from rlfree.diffusion.pipeline import noise_scheduler
+
+    scheduler = noise_scheduler(pipeline.scheduler)
+    condition = layout.condition(pipeline, prompts, None, "cpu")
+    logit_normal = {"sd3": True, "flux": False}[KIND_OF[type(layout).__name__]]
+    losses = []
+    for position, (row, sample) in enumerate(zip(rows, samples, strict=True)):
+        generator = torch.Generator().manual_seed(stream_seed(seed, "denoise", row, 0))
+        noise = torch.randn(sample.shape, generator=generator)
+        u = torch.sigmoid(torch.randn(1, generator=generator)) if logit_normal else torch.rand(1, generator=generator)
+        index = int(u * 1000)
+        sigma = scheduler.sigmas[index]
+        noisy = ((1 - sigma) * sample + sigma * noise)[None]
+        one = {key: value[position : position + 1] for key, value in condition.items()}
+        with torch.no_grad():
+            prediction = layout.predict(layout.network(pipeline), noisy, scheduler.timesteps[index : index + 1], one)
+        losses.append((prediction[0] - (noise - sample)).pow(2).mean())
+    return torch.stack(losses)
+
+
+KIND_OF = {"SD3Layout": "sd3", "FluxLayout": "flux"}
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
+    kind, tiny_pipeline, text_prompts, sample_score_weight, tmp_path
+):
+    """generate → score → weight → train --use_peft → sample (RLG with CFG, soft best-of-N, CFG as soft best-of-N) →
+    ab on SDXL, SD3 and Flux. The flow-matching loss is the one written out by hand; LoRA trains the denoiser's
+    attention and feed-forward layers only, and the output loads as the pipeline's own class; RLG's W = 0 and W = 1
+    draw, seed for seed, the base's and the tuned pipeline's own CFG-guided samples, from one denoiser with the
+    adapter switched off and on."""
+    from rlfree.diffusion.trainer import DiffusionTrainer
+    from rlfree.evaluation.evaluate import ABConfig, ab
+    from rlfree.stages.sample import SampleConfig, sample
+
+    base = tiny_pipeline(kind)
+    layout = read_layout(str(base))
+    weighted = sample_score_weight(tmp_path, base, text_prompts, BRIGHTNESS, 0.1, num_samples=4, **TINY)
+    pipeline = load_pipeline(str(base))
+    args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path / "weighted"),
+                        per_device_train_batch_size=4, report_to=[])  # fmt: skip
+    trainer = DiffusionTrainer(pipeline, args, weighted, str(base), layout=layout)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss = trainer.compute_loss(layout.network(pipeline), batch)
+    if kind == "sdxl":
+        condition = layout.condition(pipeline, batch["prompts"], None, "cpu")
+        generators = [torch.Generator().manual_seed(stream_seed(args.seed, "denoise", row, 0)) for row in range(4)]
+        per_sample = denoising_loss(pipeline.unet, trainer.noise_scheduler, batch["samples"], condition, generators, layout)  # fmt: skip
+    else:
+        per_sample = flow_loss_by_hand(layout, pipeline, batch["samples"], batch["prompts"], batch["rows"], args.seed)
+    torch.testing.assert_close(loss, (batch["weight"] * per_sample).sum() / 4, rtol=1e-5, atol=1e-6)
+
+    train(
+        ModelConfig(model_name_or_path=str(base), use_peft=True, lora_r=4),
+        RLFreeConfig(output_dir=str(tmp_path / "lora"), dataset_dir=str(tmp_path / "weighted"), max_steps=2,
+                     per_device_train_batch_size=4, learning_rate=5e-2, report_to=[], disable_tqdm=True),
+    )  # fmt: skip
+    tuned = load_pipeline(str(tmp_path / "lora"))
+    assert type(tuned).__name__ == PIPELINES[kind]
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name != layout.denoiser:
+            assert all(torch.equal(a, b) for a, b in zip(component.parameters(), getattr(tuned, name).parameters()))
+    moved = [not torch.equal(a, b) for a, b in zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters())]  # fmt: skip
+    assert any(moved)
+    targets = json.loads((tmp_path / "lora" / layout.adapter_dir / "adapter_config.json").read_text())[
+        "target_modules"
+    ]
+    if kind == "sdxl":
+        assert {"to_q", "to_k", "to_v"} <= {name.rsplit(".", 1)[-1] for name in targets}
+    else:  # attention and feed-forward, not the adaLN modulations or the embedders
+        assert any(".attn." in name for name in targets) and any(
+            ".ff." in name or "proj_mlp" in name for name in targets
+        )
+        assert not any("norm" in name or "embed" in name for name in targets)
+
+    cfg = {"cfg_guidance_scale": 3.0, "num_picks": 2, **TINY}
+    own = {}
+    for name, folder in (("base", base), ("tuned", tmp_path / "lora")):
+        own[name] = generate(GenerateConfig(str(folder), str(text_prompts), str(tmp_path / f"own_{name}"), num_samples=2,
+                                            cfg_guidance_scale=3.0, **TINY)).with_format("numpy")[:]["sample"]  # fmt: skip
+    for scale, expected, atol in ((0.0, own["base"], 1e-6), (1.0, own["tuned"], 1e-4)):
+        rlg = sample(SampleConfig(str(tmp_path / "lora"), str(text_prompts), str(tmp_path / f"rlg{scale}"),
+                                  guidance_scale=scale, ref_model=str(base), **cfg))  # fmt: skip
+        drawn = load_from_disk(str(tmp_path / f"rlg{scale}" / "candidates")).with_format("numpy")[:]["sample"]
+        np.testing.assert_allclose(drawn, expected, atol=atol)
+        assert len(rlg) == 4
+    assert np.abs(own["base"] - own["tuned"]).max() > 1e-3  # the two ends differ: W chooses between them
+
+    soft = sample(SampleConfig(str(base), str(text_prompts), str(tmp_path / "soft"), soft_best_of_n=2, beta=0.1,
+                               reward=[BRIGHTNESS], **cfg))  # fmt: skip
+    classified = sample(SampleConfig(str(base), str(text_prompts), str(tmp_path / "cfg"), cfg_best_of_n=2,
+                                     classifier_estimates=2, **cfg))  # fmt: skip
+    assert len(soft) == len(classified) == 4
+    assert np.isfinite(load_from_disk(str(tmp_path / "cfg" / "classified"))["class_log_ratio"]).all()
+    result = ab(ABConfig(str(tmp_path / "lora"), str(base), str(text_prompts), str(tmp_path / "ab"), num_samples=4,
+                         reward=[BRIGHTNESS], num_bootstrap=50, **TINY))  # fmt: skip
+    assert 0 <= result["win_rate_a"] <= 1 and result["a"]["cost_per_sample"]["sequences"] == 1
