@@ -11,6 +11,7 @@ trained denoiser (UNet or transformer), saved where `DiffusionPipeline.from_pret
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,13 @@ from ..data import read_sidecars
 from ..errors import StageInputError
 from ..seeds import stream_seed
 from ..training import CardFamily, RLFreeConfig, model_card, weight_scale, weighted_step_loss
-from .layouts import Layout
+from .layouts import Condition, Layout
 from .lora import save_adapter_and_merge
 from .pipeline import denoising_loss, noise_scheduler
 
 TRAIN_COLUMNS = ("sample", "weight")
+# Prompts whose embeddings the trainer keeps (on the CPU; SD3's are ~2.7 MB each in bfloat16, T5 included).
+PROMPT_CACHE_SIZE = 1024
 
 
 class DenoisingCollator:
@@ -75,6 +78,7 @@ class DiffusionTrainer(Trainer):
         self.noise_scheduler = noise_scheduler(pipeline.scheduler)
         self.base_model = base_model
         self.lora = lora
+        self.embeddings: OrderedDict[str, Condition] = OrderedDict()  # prompt -> its conditioning, least recent first
         condition_column = {"text": "prompt", "class": "class_label"}.get(layout.conditioning)
         if condition_column and condition_column not in train_dataset.column_names:
             raise StageInputError(
@@ -97,14 +101,32 @@ class DiffusionTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         samples = inputs["samples"]
-        condition = self.layout.condition(
-            self.pipeline, inputs.get("prompts"), inputs.get("class_labels"), samples.device
-        )
+        condition = self.condition(inputs, samples.device)
         per_sample = denoising_loss(
             model, self.noise_scheduler, samples, condition, self.generators(inputs), self.layout
         )
         loss = weighted_step_loss(inputs["weight"], per_sample, self.args)
         return (loss, {"denoising_loss": per_sample}) if return_outputs else loss
+
+    def condition(self, inputs: dict, device: torch.device) -> Condition:
+        """The batch's conditioning. The frozen text encoders embed each prompt once, as diffusers' training scripts
+        precompute the embeddings: the N samples of a prompt share it, and no step re-runs the encoders (T5-XXL, for
+        SD3 and Flux); at most `PROMPT_CACHE_SIZE` prompts are kept, the least recently used dropped first."""
+        if self.layout.conditioning != "text":
+            return self.layout.condition(self.pipeline, None, inputs.get("class_labels"), device)
+        prompts = inputs["prompts"]
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self.embeddings]
+        if missing:
+            fresh = self.layout.condition(self.pipeline, missing, None, device)
+            for position, prompt in enumerate(missing):
+                self.embeddings[prompt] = {key: value[position : position + 1].cpu() for key, value in fresh.items()}
+        for prompt in prompts:
+            self.embeddings.move_to_end(prompt)
+        keys = self.embeddings[prompts[0]]
+        condition = {key: torch.cat([self.embeddings[prompt][key] for prompt in prompts]).to(device) for key in keys}
+        while len(self.embeddings) > PROMPT_CACHE_SIZE:
+            self.embeddings.popitem(last=False)
+        return condition
 
     def generators(self, inputs: dict) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, dataset row, optimizer step): a sample's time and noise do not

@@ -164,8 +164,11 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
     assert type(tuned).__name__ == PIPELINES[kind]
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and name != layout.denoiser:
-            assert all(torch.equal(a, b) for a, b in zip(component.parameters(), getattr(tuned, name).parameters()))
-    moved = [not torch.equal(a, b) for a, b in zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters())]  # fmt: skip
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(component.parameters(), getattr(tuned, name).parameters(), strict=True)
+            )
+    moved = [not torch.equal(a, b) for a, b in zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters(), strict=True)]  # fmt: skip
     assert any(moved)
     targets = json.loads((tmp_path / "lora" / layout.adapter_dir / "adapter_config.json").read_text())[
         "target_modules"

@@ -156,3 +156,31 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(class_weighted, tmp
     whole, resumed = unet_weights(tmp_path / "whole"), unet_weights(tmp_path / "cut")
     assert max_deviation(whole, unet_weights(class_weighted / "base")) > 1e-3  # the steps moved the UNet
     assert max_deviation(whole, resumed) < 1e-6
+
+
+def test_prompt_embeddings_are_computed_once_and_bounded(text_pipeline, text_prompts, monkeypatch, tmp_path):
+    """The trainer embeds each prompt once (the text encoders are frozen) and reuses it: the batch's conditioning is
+    what the text encoder gives for those prompts, whatever was cached; at most PROMPT_CACHE_SIZE prompts are kept."""
+    from datasets import Dataset
+
+    from rlfree.diffusion import trainer as trainer_module
+    from rlfree.diffusion.trainer import DiffusionTrainer
+
+    pipeline = load_pipeline(str(text_pipeline))
+    layout = read_layout(str(text_pipeline))
+    prompts = ["a bright square", "a dark circle", "a bright square", "a small circle"]
+    data = Dataset.from_dict({"sample": np.zeros((4, 4, 8, 8), np.float32).tolist(), "weight": [0.25] * 4, "prompt": prompts})  # fmt: skip
+    args = RLFreeConfig(output_dir=str(tmp_path / "x"), dataset_dir=str(tmp_path), report_to=[])
+    trainer = DiffusionTrainer(pipeline, args, data, str(text_pipeline), layout=layout)
+    monkeypatch.setattr(trainer_module, "PROMPT_CACHE_SIZE", 2)
+    calls = []
+    encode = layout.condition
+    monkeypatch.setattr(type(layout), "condition", lambda self, *a: calls.append(a[1]) or encode(*a))
+    for order in (prompts, prompts[::-1], prompts[:2], prompts[2:]):
+        condition = trainer.condition({"prompts": order}, torch.device("cpu"))
+        expected = encode(pipeline, order, None, "cpu")["encoder_hidden_states"]
+        torch.testing.assert_close(condition["encoder_hidden_states"], expected)
+        assert len(trainer.embeddings) <= 2
+    # Only the prompts not held are encoded, once each: all 3, then "a dark circle" (dropped as least recently used),
+    # nothing (both held), then "a small circle" (dropped in the second batch).
+    assert calls == [["a bright square", "a dark circle", "a small circle"], ["a dark circle"], ["a small circle"]]
