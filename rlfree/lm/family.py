@@ -34,15 +34,17 @@ class LanguageModelFamily(Family):
         return True  # the catch-all: whatever the families before it in the registry did not take
 
     def check_generate(self, config: GenerationSettings) -> None:
+        if config.guidance_scale is not None:
+            check_guidance(config.guidance_scale, config.ref_model, config.backend)
+
+    def generate(self, config: GenerationSettings, settings: dict) -> Dataset:
+        # Refused here, not in `check_generate`: a Hub pipeline that cannot be looked up (offline) resolves to this
+        # catch-all family when a recipe is parsed.
         set_flags = [f"--{name}" for name in DIFFUSION_ONLY if getattr(config, name) is not None]
         if set_flags:
             raise StageInputError(
                 f"{', '.join(set_flags)}: for diffusion pipelines; {config.model_name_or_path} is a language model"
             )
-        if config.guidance_scale is not None:
-            check_guidance(config.guidance_scale, config.ref_model, config.backend)
-
-    def generate(self, config: GenerationSettings, settings: dict) -> Dataset:
         return generate_completions(config, settings)
 
     def sample_lengths(self, dataset: Dataset, num_inference_steps: int) -> torch.Tensor:

@@ -170,9 +170,20 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
             )
     moved = [not torch.equal(a, b) for a, b in zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters(), strict=True)]  # fmt: skip
     assert any(moved)
-    targets = json.loads((tmp_path / "lora" / layout.adapter_dir / "adapter_config.json").read_text())[
-        "target_modules"
-    ]
+    if kind == "sd3":  # full fine-tuning: every transformer weight trains
+        train(
+            ModelConfig(model_name_or_path=str(base)),
+            RLFreeConfig(output_dir=str(tmp_path / "full"), dataset_dir=str(tmp_path / "weighted"), max_steps=1,
+                         per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], disable_tqdm=True),
+        )  # fmt: skip
+        full = layout.network(load_pipeline(str(tmp_path / "full")))
+        assert not (tmp_path / "full" / layout.adapter_dir).exists()
+        pairs = zip(layout.network(pipeline).named_parameters(), full.parameters(), strict=True)
+        still = {name for (name, a), b in pairs if torch.equal(a, b)}
+        # All but the text tokens' queries in the last block, whose text outputs the model drops (no gradient).
+        assert still == {"transformer_blocks.0.attn.add_q_proj.weight", "transformer_blocks.0.attn.add_q_proj.bias"}
+    adapter = tmp_path / "lora" / layout.adapter_dir / "adapter_config.json"
+    targets = json.loads(adapter.read_text())["target_modules"]
     if kind == "sdxl":
         assert {"to_q", "to_k", "to_v"} <= {name.rsplit(".", 1)[-1] for name in targets}
     else:  # attention and feed-forward, not the adaLN modulations or the embedders
