@@ -57,7 +57,7 @@ def generation(pipeline, layout, args) -> tuple[float, float]:
     count, steps = args.batch_size, args.inference_steps
     seeds = list(range(count))
     resolution = None if args.model == "digits" else tiny.RESOLUTION
-    shape = layout.sample_shape(pipeline, resolution)
+    shape = layout.sample_shape(resolution)
     device = layout.network(pipeline).device
 
     def ours():
@@ -84,7 +84,7 @@ def training(pipeline, layout, args, lora: bool, root: Path) -> tuple[float, flo
     from datasets import Array3D, Dataset, Features, Value
 
     count = args.batch_size
-    shape = layout.sample_shape(pipeline, None if args.model == "digits" else tiny.RESOLUTION)
+    shape = layout.sample_shape(None if args.model == "digits" else tiny.RESOLUTION)
     samples = torch.randn(count, *shape)
     rows = {"sample": samples.numpy(), "weight": [1.0 / count] * count, "prompt_index": [0] * count}
     rows["prompt"] = [PROMPT] * count

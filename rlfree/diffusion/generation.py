@@ -138,6 +138,7 @@ def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
     guidance = cfg_scale(config)
     # RLG between a LoRA output and the base its adapter sits on: one denoiser, the adapter on and off.
     one_network = shares_base(path, config.ref_model, layout)
+    shape = layout.sample_shape(config.resolution)
 
     @functools.cache
     def pipeline():  # the scheduler, and the text encoders and VAE of a text-to-image pipeline
@@ -156,10 +157,6 @@ def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
             return None
         return layout.network(load_pipeline(config.ref_model, config.dtype, state.device))
 
-    @functools.cache
-    def shape():
-        return layout.sample_shape(pipeline(), config.resolution)
-
     def make_shard(positions: range) -> Dataset:
         shard = [divmod(position, config.num_samples) for position in positions]  # (prompt, sample)
         columns: dict[str, list] = {}
@@ -174,14 +171,14 @@ def generate_samples(config: GenerationSettings, settings: dict) -> Dataset:
             seeds = [sample_seed(config.seed, p, s) for p, s in batch]
             samples = denoise(
                 network(), pipeline().scheduler, seeds, condition, config.num_inference_steps, ref_network(),
-                rlg_scale, null_condition, guidance or 1.0, layout, shape(),
+                rlg_scale, null_condition, guidance or 1.0, layout, shape,
             )  # fmt: skip
             images = layout.decode(pipeline(), samples)
             for (p, s), sample, image in zip(batch, samples.float().cpu().numpy(), images, strict=True):
                 row = rows[p] | {"prompt_index": p, "sample_index": s, "completion": image, "sample": sample}
                 for name, value in row.items():
                     columns.setdefault(name, []).append(value)
-        types = features(rows, shape(), columns["completion"][0].shape)
+        types = features(rows, shape, columns["completion"][0].shape)
         dataset = Dataset.from_dict({name: columns[name] for name in types}, features=types)
         for name in columns.keys() - types.keys():
             dataset = dataset.add_column(name, columns[name])

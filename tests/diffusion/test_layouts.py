@@ -214,3 +214,27 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
     result = ab(ABConfig(str(tmp_path / "lora"), str(base), str(text_prompts), str(tmp_path / "ab"), num_samples=4,
                          reward=[BRIGHTNESS], num_bootstrap=50, **TINY))  # fmt: skip
     assert 0 <= result["win_rate_a"] <= 1 and result["a"]["cost_per_sample"]["sequences"] == 1
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_other_resolutions_and_shifts_follow_the_pipeline(
+    kind, tiny_pipeline, text_prompts, pipeline_config, tmp_path
+):
+    """At 32 pixels (other latent sizes: SDXL's size ids, Flux's token-count shift) and, for SD3, with the scheduler's
+    resolution-dependent shift switched on (`use_dynamic_shifting`), `generate` still draws the pipeline's own images."""
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(tiny_pipeline(kind), folder)
+    if kind == "sd3":
+        config_file = folder / "scheduler" / "scheduler_config.json"
+        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"use_dynamic_shifting": True}))
+    settings = {"num_samples": 1, "num_inference_steps": 3, "seed": 7, "resolution": 32}
+    drawn = generate(pipeline_config(folder, tmp_path / "gen", text_prompts, **settings)).with_format("numpy")[:]
+    assert drawn["sample"].shape == (2, 4, 16, 16) and drawn["completion"].shape == (2, 32, 32, 3)
+    pipeline = load_pipeline(str(folder))
+    assert pipeline.scheduler.config.get("use_dynamic_shifting", False) == (kind in ("sd3", "flux"))
+    generator = torch.Generator().manual_seed(sample_seed(7, 1, 0))
+    guidance = {} if kind == "flux" else {"guidance_scale": 1.0}
+    own = pipeline(TEXT_PROMPTS[1], generator=[generator], num_inference_steps=3, height=32, width=32, output_type="np", **guidance)  # fmt: skip
+    np.testing.assert_allclose(drawn["completion"][1], own.images[0], atol=1e-5)

@@ -13,7 +13,8 @@ from datasets import load_from_disk
 from rlfree.diffusion import toy
 from rlfree.diffusion.layouts import read_layout
 from rlfree.diffusion.layouts.base import to_images
-from rlfree.diffusion.pipeline import PIXEL_UNET, load_pipeline
+from rlfree.diffusion.layouts.unet import UNetLayout
+from rlfree.diffusion.pipeline import PIXEL_UNET, denoise, load_pipeline
 from rlfree.errors import StageInputError
 from rlfree.stages.score import ScoreConfig, score
 from rlfree.stages.train import train
@@ -50,14 +51,21 @@ def test_the_weighted_denoising_loss_is_normalized_per_optimizer_step(random_pip
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("prediction", ["noise", "velocity"])
+class UniformTimes(UNetLayout):
+    """The toy's layout with Flux's training times (u uniform) in place of SD3's logit-normal ones."""
+
+    flow_times = "uniform"
+
+
+@pytest.mark.parametrize("prediction", ["noise", "velocity", "velocity-uniform-times"])
 def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_it(prediction, tmp_path):
     """The trainer's objective, exactly: samples of pi_ref (the mixture with 30% on +) go through score and weight, and
     DiffusionTrainer fits the mixture's exact denoiser with a learnable + weight. The weighted denoising loss is
     minimized by the weighted data's own + share, and that is pi_ref's tilt p·e^(1/beta) / Z up to self-normalized
     sampling error: no UNet fit or sampler discretization stands between the loss and the target here. The same
     holds for the weighted flow-matching loss (`velocity`: SD3's and Flux's objective, x_t = (1 - s)·x0 + s·eps with
-    SD3's logit-normal times, target eps - x0) on the mixture's exact velocity field."""
+    SD3's logit-normal times, or Flux's uniform ones, target eps - x0) on the mixture's exact velocity field, and the
+    fine-tuned flow model's own samples (Euler, 100 steps) hold the tilt's + share."""
     from types import SimpleNamespace
 
     from datasets import Dataset
@@ -82,16 +90,21 @@ def test_weighted_denoising_loss_lands_on_the_exact_tilt_in_a_family_that_holds_
         model, scheduler = toy.MixtureDenoiser(toy.scheduler(), [plus], learnable=True), toy.scheduler()
     else:
         model, scheduler = toy.MixtureVelocity([plus], learnable=True), toy.flow_scheduler()
+    layout = UniformTimes(config={}, conditioning="none") if prediction.endswith("uniform-times") else PIXEL_UNET
     args = RLFreeConfig(output_dir=str(tmp_path / "fit"), dataset_dir=str(tmp_path / "weighted"), max_steps=400,
                         per_device_train_batch_size=128, gradient_accumulation_steps=2, learning_rate=0.05,
                         lr_scheduler_type="linear", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6)  # fmt: skip
     DiffusionTrainer(
-        SimpleNamespace(unet=model, scheduler=scheduler, components={}), args, weighted, "pi_ref", layout=PIXEL_UNET
+        SimpleNamespace(unet=model, scheduler=scheduler, components={}), args, weighted, "pi_ref", layout=layout
     ).train()
     fitted = model.plus_weights.item()
     print(f"+ weight: pi_ref {plus}, weighted data {weighted_share:.4f}, fitted {fitted:.4f}, exact tilt {target:.4f}")
     assert abs(fitted - weighted_share) < 0.02, (fitted, weighted_share)  # the optimizer's own noise: about 0.007
     assert abs(fitted - target) < 0.02 + 4 * sampling_sd
+    if prediction != "noise":  # the tuned sampler itself: 2,000 Euler samples of the fitted velocity field
+        drawn = toy.component(denoise(model.eval(), scheduler, list(range(2000)), None, 100)).mean()
+        print(f"+ share of the fine-tuned flow sampler: {drawn:.4f}")
+        assert abs(drawn - fitted) < 4 * (fitted * (1 - fitted) / 2000) ** 0.5
 
 
 def test_weighted_training_of_a_text_to_image_unet(text_pipeline, text_prompts, sample_score_weight, tmp_path):

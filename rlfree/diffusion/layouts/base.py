@@ -90,15 +90,14 @@ class Layout:
     def network(self, pipeline) -> torch.nn.Module:
         return getattr(pipeline, self.denoiser)
 
-    def sample_shape(self, pipeline, resolution: int | None) -> tuple[int, int, int]:
+    def sample_shape(self, resolution: int | None) -> tuple[int, int, int]:
         """[C, H, W] of a model-space sample at `resolution` pixels (default: the denoiser's sample size)."""
-        config = self.network(pipeline).config
         if resolution is None:
-            size = config.sample_size
+            size = self.config["sample_size"]
             height, width = (size, size) if isinstance(size, int) else size
         else:
             height = width = resolution // self.vae_scale_factor
-        return config.in_channels, height, width
+        return self.config["in_channels"], height, width
 
     def check_resolution(self, resolution: int, path: str) -> None:
         if resolution % self.vae_scale_factor:

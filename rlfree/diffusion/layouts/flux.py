@@ -29,7 +29,7 @@ class FluxLayout(Layout):
     )
     flow_times: ClassVar[str] = "uniform"  # diffusers' Flux scripts: weighting_scheme "none"
 
-    def sample_shape(self, pipeline, resolution: int | None) -> tuple[int, int, int]:
+    def sample_shape(self, resolution: int | None) -> tuple[int, int, int]:
         size = DEFAULT_SAMPLE_SIZE if resolution is None else 2 * (resolution // (2 * self.vae_scale_factor))
         return self.config["in_channels"] // 4, size, size
 
