@@ -204,6 +204,12 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
         np.testing.assert_allclose(drawn, expected, atol=atol)
         assert len(rlg) == 4
     assert np.abs(own["base"] - own["tuned"]).max() > 1e-3  # the two ends differ: W chooses between them
+    # Without CFG, W = 0 draws the base's plain samples: those `generate` drew for the weights (sample indices 0, 1).
+    sample(SampleConfig(str(tmp_path / "lora"), str(text_prompts), str(tmp_path / "rlg_plain"), guidance_scale=0.0,
+                        ref_model=str(base), num_picks=2, **TINY))  # fmt: skip
+    plain = load_from_disk(str(tmp_path / "rlg_plain" / "candidates")).with_format("numpy")[:]["sample"]
+    generated = load_from_disk(str(tmp_path / "gen")).with_format("numpy")[:]
+    np.testing.assert_allclose(plain, generated["sample"][generated["sample_index"] < 2], atol=1e-6)
 
     soft = sample(SampleConfig(str(base), str(text_prompts), str(tmp_path / "soft"), soft_best_of_n=2, beta=0.1,
                                reward=[BRIGHTNESS], **cfg))  # fmt: skip
