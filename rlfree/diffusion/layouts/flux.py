@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from ...errors import StageInputError
-from .base import Condition, Layout
-from .sd3 import resolution_shift
-from .transformer import attention_and_feed_forward
+from .base import Condition
+from .transformer import TransformerLayout, resolution_shift
 
 # The guidance a guidance-distilled Flux transformer is given (the pipeline's default `guidance_scale`), in sampling
 # and in training, as diffusers' Flux training script does.
@@ -20,13 +19,9 @@ EMBEDDED_GUIDANCE = 3.5
 DEFAULT_SAMPLE_SIZE = 128  # the pipeline's default latent size: 1024 pixels with FLUX.1's VAE
 
 
-class FluxLayout(Layout):
+class FluxLayout(TransformerLayout):
     name: ClassVar[str] = "Flux (FluxPipeline)"
-    denoiser: ClassVar[str] = "transformer"
     pipelines: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
-    required: ClassVar[frozenset[str]] = frozenset(
-        {"transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
-    )
     flow_times: ClassVar[str] = "uniform"  # diffusers' Flux scripts: weighting_scheme "none"
 
     def sample_shape(self, resolution: int | None) -> tuple[int, int, int]:
@@ -56,9 +51,6 @@ class FluxLayout(Layout):
             condition["guidance"] = torch.full((len(prompts),), EMBEDDED_GUIDANCE, device=device)
         return condition
 
-    def null_condition(self, pipeline, count: int, null_class: int | None, device) -> Condition:
-        return self.condition(pipeline, [""] * count, None, device)  # true CFG's negative: the empty prompt
-
     def predict(self, network, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         batch, channels, height, width = x.shape
         packed = x.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
@@ -76,6 +68,3 @@ class FluxLayout(Layout):
         ).sample
         output = output.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return output.reshape(batch, channels, height, width)
-
-    def lora_targets(self, network: torch.nn.Module) -> list[str]:
-        return attention_and_feed_forward(network)

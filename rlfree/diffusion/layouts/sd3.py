@@ -8,17 +8,13 @@ from typing import ClassVar
 import torch
 
 from ...errors import StageInputError
-from .base import Condition, Layout
-from .transformer import attention_and_feed_forward
+from .base import Condition
+from .transformer import TransformerLayout, resolution_shift
 
 
-class SD3Layout(Layout):
+class SD3Layout(TransformerLayout):
     name: ClassVar[str] = "SD3 (StableDiffusion3Pipeline)"
-    denoiser: ClassVar[str] = "transformer"
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
-    required: ClassVar[frozenset[str]] = frozenset(
-        {"transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
-    )
     optional: ClassVar[frozenset[str]] = frozenset({"text_encoder_3", "tokenizer_3"})
 
     def check_resolution(self, resolution: int, path: str) -> None:
@@ -42,21 +38,5 @@ class SD3Layout(Layout):
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def null_condition(self, pipeline, count: int, null_class: int | None, device) -> Condition:
-        return self.condition(pipeline, [""] * count, None, device)  # the pipeline's negative: the empty prompt
-
     def predict(self, network, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         return network(hidden_states=x, timestep=t.expand(len(x)), **condition).sample
-
-    def lora_targets(self, network: torch.nn.Module) -> list[str]:
-        return attention_and_feed_forward(network)
-
-
-def resolution_shift(scheduler, tokens: int, max_shift: float) -> float:
-    """mu of a dynamically shifted flow-matching schedule for `tokens` image tokens, as the pipelines'
-    `calculate_shift` (linear in the token count between the scheduler's base and max sequence lengths)."""
-    config = scheduler.config
-    base_tokens, max_tokens = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", max_shift)
-    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
-    return tokens * slope + base_shift - slope * base_tokens

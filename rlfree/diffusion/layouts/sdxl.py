@@ -8,20 +8,17 @@ from typing import ClassVar
 import torch
 
 from ...errors import StageInputError
-from .base import Condition
-from .unet import UNetLayout
+from .base import Condition, Layout
+from .unet import unet_lora_targets
 
 
-class SDXLLayout(UNetLayout):
+class SDXLLayout(Layout):
     name: ClassVar[str] = "SDXL (StableDiffusionXLPipeline)"
+    denoiser: ClassVar[str] = "unet"
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
     required: ClassVar[frozenset[str]] = frozenset(
         {"unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
     )
-
-    @classmethod
-    def serves(cls, pipeline_class: str, components: set[str]) -> bool:
-        return pipeline_class in cls.pipelines
 
     @classmethod
     def check_config(cls, path: str, pipeline_class: str, config: dict) -> None:
@@ -30,14 +27,6 @@ class SDXLLayout(UNetLayout):
                 f"--model_name_or_path {path}: a {pipeline_class} whose UNet lacks SDXL's added time ids "
                 f"(addition_embed_type {config.get('addition_embed_type')!r}, not 'text_time')"
             )
-
-    @classmethod
-    def required_for(cls, components: set[str]) -> frozenset[str]:
-        return cls.required
-
-    @classmethod
-    def conditioning_of(cls, config: dict, components: set[str]) -> str:
-        return "text"
 
     @torch.no_grad()
     def condition(self, pipeline, prompts: list[str], class_labels: torch.Tensor | None, device) -> Condition:
@@ -58,3 +47,6 @@ class SDXLLayout(UNetLayout):
         time_ids = torch.tensor([height, width, 0, 0, height, width], device=x.device, dtype=x.dtype)
         added = {"text_embeds": condition["text_embeds"], "time_ids": time_ids.expand(len(x), 6)}
         return network(x, t, encoder_hidden_states=condition["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def lora_targets(self, network: torch.nn.Module) -> list[str]:
+        return unet_lora_targets(network)

@@ -57,11 +57,15 @@ class UNetLayout(Layout):
         return network(x, t, **condition).sample
 
     def lora_targets(self, network: torch.nn.Module) -> list[str]:
-        """Every linear layer (attention projections, time embeddings) and the 3×3 convolutions of the ResNet blocks,
-        where a convolutional UNet keeps most of its weights."""
-        return [
-            name
-            for name, module in network.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            or (isinstance(module, torch.nn.Conv2d) and name.rsplit(".", 1)[-1] in ("conv1", "conv2"))
-        ]
+        return unet_lora_targets(network)
+
+
+def unet_lora_targets(network: torch.nn.Module) -> list[str]:
+    """Every linear layer (attention projections, time embeddings) and the 3×3 convolutions of the ResNet blocks,
+    where a convolutional UNet keeps most of its weights."""
+    return [
+        name
+        for name, module in network.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        or (isinstance(module, torch.nn.Conv2d) and name.rsplit(".", 1)[-1] in ("conv1", "conv2"))
+    ]
