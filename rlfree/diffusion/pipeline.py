@@ -1,8 +1,8 @@
 """Loading a diffusers pipeline, drawing seeded samples from it, and its denoising loss, whatever its layout
-(`rlfree.diffusion.layouts`: UNet pipelines in pixel space or with a text encoder, SDXL, SD3, Flux). The loop is written here rather than calling
-`pipeline(...)`: every sample's noise, at the start and at every stochastic step, comes from its own generator seeded
-by (seed, prompt, sample), so a sample does not depend on the batch it was drawn in, and the stored sample is the
-model-space tensor (pixels or latents) the trainer needs, not only the image.
+(`rlfree.diffusion.layouts`: UNet pipelines in pixel space or with a text encoder, SDXL, SD3, Flux). The loop is
+written here rather than calling `pipeline(...)`: every sample's noise, at the start and at every stochastic step,
+comes from its own generator seeded by (seed, prompt, sample), so a sample does not depend on the batch it was drawn
+in, and the stored sample is the model-space tensor (pixels or latents) the trainer needs, not only the image.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ with w_i ∝ exp(r(x_i, c)/beta) self-normalized per condition over N samples of
 so the fine-tuned model targets p_base(x|c)·exp(r(x, c)/beta)/Z. The target and noising follow the pipeline's
 scheduler (epsilon, v_prediction, sample, or flow matching), and the loss is normalized per optimizer step across
 micro-batches and ranks exactly as the LM trainer's (`rlfree.training`). The result is the base pipeline with the
-trained denoiser (UNet or transformer), saved where `DiffusionPipeline.from_pretrained` (and the pipeline's own class) loads it.
+trained denoiser (UNet or transformer), saved where `DiffusionPipeline.from_pretrained` (and the pipeline's own
+class) loads it.
 """
 
 from __future__ import annotations

@@ -129,11 +129,11 @@ KIND_OF = {"SD3Layout": "sd3", "FluxLayout": "flux"}
 def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
     kind, tiny_pipeline, text_prompts, sample_score_weight, tmp_path
 ):
-    """generate → score → weight → train --use_peft → sample (RLG with CFG, soft best-of-N, CFG as soft best-of-N) →
-    ab on SDXL, SD3 and Flux. The flow-matching loss is the one written out by hand; LoRA trains the denoiser's
-    attention and feed-forward layers only, and the output loads as the pipeline's own class; RLG's W = 0 and W = 1
-    draw, seed for seed, the base's and the tuned pipeline's own CFG-guided samples, from one denoiser with the
-    adapter switched off and on."""
+    """generate → score → weight → train --use_peft → sample (RLG with and without CFG, soft best-of-N, CFG as soft
+    best-of-N) → ab on SDXL, SD3 and Flux. The flow-matching loss is the one written out by hand; LoRA trains the
+    denoiser's attention and feed-forward layers only, and the output loads as the pipeline's own class; RLG's W = 0
+    and W = 1 draw, seed for seed, the base's and the tuned pipeline's own CFG-guided samples, from one denoiser with
+    the adapter switched off and on (and, without CFG, W = 0 the base's plain samples)."""
     from rlfree.diffusion.trainer import DiffusionTrainer
     from rlfree.evaluation.evaluate import ABConfig, ab
     from rlfree.stages.sample import SampleConfig, sample
@@ -150,7 +150,8 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
     if kind == "sdxl":
         condition = layout.condition(pipeline, batch["prompts"], None, "cpu")
         generators = [torch.Generator().manual_seed(stream_seed(args.seed, "denoise", row, 0)) for row in range(4)]
-        per_sample = denoising_loss(pipeline.unet, trainer.noise_scheduler, batch["samples"], condition, generators, layout)  # fmt: skip
+        samples = batch["samples"]
+        per_sample = denoising_loss(pipeline.unet, trainer.noise_scheduler, samples, condition, generators, layout)
     else:
         per_sample = flow_loss_by_hand(layout, pipeline, batch["samples"], batch["prompts"], batch["rows"], args.seed)
     torch.testing.assert_close(loss, (batch["weight"] * per_sample).sum() / 4, rtol=1e-5, atol=1e-6)
@@ -168,8 +169,8 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
                 torch.equal(a, b)
                 for a, b in zip(component.parameters(), getattr(tuned, name).parameters(), strict=True)
             )
-    moved = [not torch.equal(a, b) for a, b in zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters(), strict=True)]  # fmt: skip
-    assert any(moved)
+    pairs = zip(layout.network(pipeline).parameters(), layout.network(tuned).parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
     if kind == "sd3":  # full fine-tuning: every transformer weight trains
         train(
             ModelConfig(model_name_or_path=str(base)),

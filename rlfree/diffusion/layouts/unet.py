@@ -28,8 +28,8 @@ class UNetLayout(Layout):
         if unsupported:
             raise StageInputError(
                 f"--model_name_or_path {path}: a {pipeline_class} whose UNet takes extra conditioning "
-                f"({', '.join(unsupported)}: added time ids or an LCM's guidance embedding), which rlfree supplies only "
-                "in StableDiffusionXLPipeline's layout"
+                f"({', '.join(unsupported)}: added time ids or an LCM's guidance embedding), which rlfree supplies "
+                "only in StableDiffusionXLPipeline's layout"
             )
 
     @classmethod
