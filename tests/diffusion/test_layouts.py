@@ -99,14 +99,13 @@ def test_layouts_refuse_what_they_cannot_drive(tiny_pipeline, text_prompts, refe
                                        for key, value in config.items()}))  # fmt: skip
 
 
-def flow_loss_by_hand(layout, pipeline, samples, prompts, rows, seed: int) -> torch.Tensor:
+def flow_loss_by_hand(layout, pipeline, samples, prompts, rows, seed: int, logit_normal: bool) -> torch.Tensor:
     """The per-sample flow-matching loss written out: noise, then u from each row's generator (logit-normal for SD3,
     uniform for Flux), the training sigma u picks, x_t = (1 - s)·x0 + s·noise, target noise - x0."""
     from rlfree.diffusion.pipeline import noise_scheduler
 
     scheduler = noise_scheduler(pipeline.scheduler)
     condition = layout.condition(pipeline, prompts, None, "cpu")
-    logit_normal = {"sd3": True, "flux": False}[KIND_OF[type(layout).__name__]]
     losses = []
     for position, (row, sample) in enumerate(zip(rows, samples, strict=True)):
         generator = torch.Generator().manual_seed(stream_seed(seed, "denoise", row, 0))
@@ -120,9 +119,6 @@ def flow_loss_by_hand(layout, pipeline, samples, prompts, rows, seed: int) -> to
             prediction = layout.predict(layout.network(pipeline), noisy, scheduler.timesteps[index : index + 1], one)
         losses.append((prediction[0] - (noise - sample)).pow(2).mean())
     return torch.stack(losses)
-
-
-KIND_OF = {"SD3Layout": "sd3", "FluxLayout": "flux"}
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
@@ -153,7 +149,9 @@ def test_weighted_lora_training_and_rlg_with_cfg_on_each_layout(
         samples = batch["samples"]
         per_sample = denoising_loss(pipeline.unet, trainer.noise_scheduler, samples, condition, generators, layout)
     else:
-        per_sample = flow_loss_by_hand(layout, pipeline, batch["samples"], batch["prompts"], batch["rows"], args.seed)
+        per_sample = flow_loss_by_hand(
+            layout, pipeline, batch["samples"], batch["prompts"], batch["rows"], args.seed, logit_normal=kind == "sd3"
+        )
     torch.testing.assert_close(loss, (batch["weight"] * per_sample).sum() / 4, rtol=1e-5, atol=1e-6)
 
     train(
